@@ -1,0 +1,172 @@
+"""Prepared data: uint8 splits on disk (safetensors), and the on-device batch loader.
+
+`data/prepared/` holds `train`, `val` and `test` as safetensors files with `images`
+(N, 32, 32, 3) uint8 and `labels` (N,) int64, plus `meta.json` (classes, counts per
+split and class, per-channel mean/std of train, source and its sha256).
+
+`BatchLoader` keeps a split on the training device as uint8 and cuts each batch with
+tensor ops: one gather does the random crop (zero padding) and the horizontal flip for
+the whole batch, then the batch is normalised once. No workers, no PIL, no per-image
+Python.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from vitcnn.errors import DataError
+from vitcnn.io import atomic_write, read_json, write_json
+
+SPLITS = ("train", "val", "test")
+META_FILE = "meta.json"
+# The seed's normalisation constants (CIFAR-10), used when train.normalization is "fixed".
+FIXED_MEAN = (0.4914, 0.4822, 0.4465)
+FIXED_STD = (0.2023, 0.1994, 0.2010)
+
+
+@dataclass
+class Split:
+    images: torch.Tensor  # (N, H, W, C) uint8
+    labels: torch.Tensor  # (N,) int64
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def stratified_split(labels: np.ndarray, n_take: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Indices of a class-stratified random sample of n_take items, and of the rest (both sorted).
+
+    Each class gets its proportional share; the remainder goes to the classes with the
+    largest fractional shares, so the total is exactly n_take.
+    """
+    classes, counts = np.unique(labels, return_counts=True)
+    share = counts * n_take / len(labels)
+    quota = np.floor(share).astype(int)
+    quota[np.argsort(quota - share, kind="stable")[: n_take - quota.sum()]] += 1
+    perm = rng.permutation(len(labels))
+    taken = np.concatenate([perm[labels[perm] == c][:q] for c, q in zip(classes, quota)])
+    mask = np.zeros(len(labels), dtype=bool)
+    mask[taken] = True
+    return np.flatnonzero(mask), np.flatnonzero(~mask)
+
+
+def channel_stats(images: np.ndarray) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of uint8 images (N, H, W, C), in [0, 1] units."""
+    pixels = images.reshape(-1, images.shape[-1]).astype(np.float64) / 255.0
+    return pixels.mean(0).round(6).tolist(), pixels.std(0).round(6).tolist()
+
+
+def class_counts(labels: np.ndarray, classes: list[str]) -> dict[str, int]:
+    counts = np.bincount(labels, minlength=len(classes))
+    return {name: int(n) for name, n in zip(classes, counts)}
+
+
+def write_prepared(out_dir: Path, splits: dict[str, tuple[np.ndarray, np.ndarray]], meta: dict) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name, (images, labels) in splits.items():
+        tensors = {"images": torch.from_numpy(np.ascontiguousarray(images)), "labels": torch.from_numpy(labels)}
+        with atomic_write(out_dir / f"{name}.safetensors") as tmp:
+            save_file(tensors, str(tmp))
+    write_json(out_dir / META_FILE, meta)
+
+
+def load_meta(prepared_dir: Path) -> dict:
+    path = prepared_dir / META_FILE
+    if not path.is_file():
+        raise DataError(f"{path}: not found; run the prepare stage first (dvc repro prepare)")
+    return read_json(path)
+
+
+def load_split(prepared_dir: Path, name: str) -> Split:
+    path = prepared_dir / f"{name}.safetensors"
+    if not path.is_file():
+        raise DataError(f"{path}: not found; run the prepare stage first (dvc repro prepare)")
+    try:
+        tensors = load_file(str(path))
+        return Split(tensors["images"], tensors["labels"])
+    except Exception as exc:  # safetensors raises several types for a damaged file
+        raise DataError(f"{path}: unreadable ({exc}); rerun the prepare stage") from None
+
+
+def normalization(meta: dict, mode: str) -> tuple[list[float], list[float]]:
+    """Mean and std for inputs: the seed's constants ("fixed") or train's own ("measured")."""
+    if mode == "fixed":
+        return list(FIXED_MEAN), list(FIXED_STD)
+    return meta["mean"], meta["std"]
+
+
+class BatchLoader:
+    """Normalised float batches (B, C, H, W) in channels_last memory, from a uint8 split on `device`.
+
+    With `shuffle`, each epoch draws a fresh order from `generator`; `crop_padding` > 0
+    takes a random crop of the zero-padded image and `flip` mirrors half the images,
+    each drawn per image but applied to the whole batch in one gather.
+    """
+
+    def __init__(
+        self,
+        split: Split,
+        batch_size: int,
+        device: torch.device,
+        mean: list[float],
+        std: list[float],
+        shuffle: bool = False,
+        crop_padding: int = 0,
+        flip: bool = False,
+        generator: torch.Generator | None = None,
+    ):
+        if shuffle and generator is None:
+            raise ValueError("a shuffling loader needs a seeded generator")
+        self.batch_size, self.device, self.shuffle, self.generator = batch_size, device, shuffle, generator
+        self.labels = split.labels.to(device)
+        self.pad = crop_padding
+        self.flip = flip
+        images = split.images.to(device)
+        self.size = images.shape[1]
+        if self.pad:  # pad once, with zeros (black), as torchvision's RandomCrop(padding=...)
+            images = torch.nn.functional.pad(images, (0, 0, self.pad, self.pad, self.pad, self.pad))
+        self.images = images  # (N, H + 2 * pad, W + 2 * pad, C) uint8
+        channels = images.shape[-1]
+        self.mean = (torch.tensor(mean, device=device) * 255).view(1, channels, 1, 1)
+        self.inv_std = 1 / (torch.tensor(std, device=device) * 255).view(1, channels, 1, 1)
+        self.offsets = torch.arange(self.size, device=device)
+
+    def __len__(self) -> int:
+        return -(-len(self.labels) // self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        n = len(self.labels)
+        if self.shuffle:
+            order = torch.randperm(n, device=self.device, generator=self.generator)
+        else:
+            order = torch.arange(n, device=self.device)
+        for start in range(0, n, self.batch_size):
+            idx = order[start : start + self.batch_size]
+            yield self._normalize(self._gather(idx)), self.labels[idx]
+
+    def _gather(self, idx: torch.Tensor) -> torch.Tensor:
+        """(B, H, W, C) uint8: crop and flip as one index computation, one gather."""
+        b, s, padded = len(idx), self.size, self.images.shape[1]
+        if not (self.shuffle and (self.pad or self.flip)):
+            return self.images[idx, self.pad : self.pad + s, self.pad : self.pad + s]
+        hi = 2 * self.pad + 1
+        dy = torch.randint(0, hi, (b, 1), device=self.device, generator=self.generator)
+        dx = torch.randint(0, hi, (b, 1), device=self.device, generator=self.generator)
+        rows = dy + self.offsets  # (B, S)
+        cols = dx + self.offsets  # (B, S)
+        if self.flip:
+            mirror = torch.randint(0, 2, (b, 1), device=self.device, generator=self.generator).bool()
+            cols = torch.where(mirror, cols.flip(1), cols)
+        flat = self.images.view(-1, self.images.shape[-1])  # (N * P * P, C)
+        pixel = (idx.view(b, 1, 1) * padded + rows.view(b, s, 1)) * padded + cols.view(b, 1, s)  # (B, S, S)
+        return flat[pixel]  # (B, S, S, C)
+
+    def _normalize(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.permute(0, 3, 1, 2).float()  # (B, C, H, W), channels_last memory
+        return (x - self.mean) * self.inv_std

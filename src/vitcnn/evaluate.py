@@ -1,0 +1,80 @@
+"""Test-split evaluation, once per model: accuracy, per-class accuracy, FLOPs, speed."""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+from vitcnn.data import BatchLoader
+from vitcnn.runtime import predict
+
+
+def per_class_accuracy(predicted: torch.Tensor, actual: torch.Tensor, num_classes: int) -> list[float]:
+    hits = torch.bincount(actual[predicted == actual], minlength=num_classes).double()
+    totals = torch.bincount(actual, minlength=num_classes).double()
+    return (hits / totals.clamp(min=1)).tolist()
+
+
+def flops_per_image(model: nn.Module, image_shape: tuple[int, ...]) -> int:
+    """Forward FLOPs for one image, as torch.utils.flop_counter counts them (2 per multiply-add)."""
+    model.eval()
+    x = torch.zeros(1, *image_shape, device=next(model.parameters()).device)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(x)
+    return int(counter.get_total_flops())
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+@torch.no_grad()
+def inference_speed(model: nn.Module, loader: BatchLoader, dtype: torch.dtype, batches: int, latency_runs: int) -> dict:
+    """Inference images/s (median over `batches` full batches) and batch-1 latency (median, ms)."""
+    model.eval()
+    device = loader.device
+    x, _ = next(iter(loader))
+    one = x[:1].contiguous(memory_format=torch.channels_last)
+    with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+        for warm in (x, one, one):
+            model(warm)
+        _sync(device)
+        batch_s = []
+        for _ in range(batches):
+            t0 = time.perf_counter()
+            model(x)
+            _sync(device)
+            batch_s.append(time.perf_counter() - t0)
+        latency_s = []
+        for _ in range(latency_runs):
+            t0 = time.perf_counter()
+            model(one)
+            _sync(device)
+            latency_s.append(time.perf_counter() - t0)
+    return {
+        "inference_images_per_s": round(len(x) / statistics.median(batch_s), 1),
+        "latency_ms": round(1000 * statistics.median(latency_s), 3),
+    }
+
+
+def evaluate_model(model: nn.Module, loader: BatchLoader, dtype: torch.dtype) -> dict:
+    """Test loss, accuracy, per-class accuracy and predictions of a model over a loader."""
+    logits = predict(model, loader, dtype)
+    predicted = logits.argmax(1)
+    actual = loader.labels
+    return {
+        "test_loss": F.cross_entropy(logits, actual).item(),
+        "test_acc": (predicted == actual).float().mean().item(),
+        "per_class_acc": per_class_accuracy(predicted, actual, logits.shape[1]),
+        "predicted": predicted.cpu(),
+        "actual": actual.cpu(),
+        "confidence": logits.softmax(1).max(1).values.cpu(),
+    }

@@ -1,0 +1,92 @@
+"""Where and how a model runs: device, precision, compilation, seeding, batched inference."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from vitcnn.data import BatchLoader
+from vitcnn.errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` picks cuda, then mps, then cpu; an explicit device must be available."""
+    available = {
+        "cuda": torch.cuda.is_available(),
+        "mps": torch.backends.mps.is_available(),
+        "cpu": True,
+    }
+    if name == "auto":
+        return torch.device(next(d for d in ("cuda", "mps", "cpu") if available[d]))
+    if not available[name]:
+        usable = ", ".join(d for d, ok in available.items() if ok)
+        raise UserError(f"device: '{name}' is not available on this machine; use auto or one of {usable}")
+    return torch.device(name)
+
+
+def cpu_has_native_bf16() -> bool:
+    """True when the CPU computes bf16 in hardware (AVX512-BF16 or AMX), where bf16 pays off."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_precision(name: str, device: torch.device) -> torch.dtype:
+    """The autocast dtype: bf16 on CUDA with bf16 support and on CPUs with native bf16, else fp32."""
+    if name == "fp32":
+        return torch.float32
+    if name == "bf16":
+        if device.type == "mps":
+            raise UserError("train.precision: bf16 is not supported on mps here; use auto or fp32")
+        return torch.bfloat16
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    if device.type == "cpu" and cpu_has_native_bf16():
+        return torch.bfloat16
+    return torch.float32
+
+
+def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def maybe_compile(model: nn.Module, mode: str, device: torch.device) -> nn.Module:
+    """torch.compile on CUDA by default ("auto"), never on CPU unless asked ("on").
+
+    On this project's CPUs compilation costs minutes and measured no faster, so `auto`
+    keeps CPU runs eager. A failure to compile falls back to eager with a warning.
+    """
+    if mode == "off" or (mode == "auto" and device.type != "cuda"):
+        return model
+    try:
+        return torch.compile(model)
+    except Exception as exc:  # any backend problem: train eagerly rather than not at all
+        log.warning("torch.compile failed (%s); training eagerly", exc)
+        return model
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+@torch.no_grad()
+def predict(model: nn.Module, loader: BatchLoader, dtype: torch.dtype) -> torch.Tensor:
+    """fp32 logits (N, classes) for every item of the loader, in order, on its device."""
+    model.eval()
+    with autocast(loader.device, dtype):
+        logits = [model(x).float() for x, _ in loader]
+    return torch.cat(logits)

@@ -1,0 +1,63 @@
+"""Stage evaluate: each trained model on the test split, once.
+
+Writes metrics/evaluate.json (per model: test accuracy and loss, parameters, FLOPs per
+image, inference images/s, batch-1 latency, training time), plots/evaluate/<model>_predictions.csv
+(`actual,predicted` rows for DVC's confusion template) and plots/evaluate/per_class.csv.
+"""
+
+from pathlib import Path
+
+import torch
+
+from vitcnn.cli import run_stage
+from vitcnn.config import load_params
+from vitcnn.data import BatchLoader, load_meta, load_split
+from vitcnn.evaluate import evaluate_model, flops_per_image, inference_speed
+from vitcnn.io import read_json, write_csv, write_json
+from vitcnn.models import MODELS, count_params, load_model
+from vitcnn.runtime import resolve_device, resolve_precision
+
+PREPARED = Path("data/prepared")
+
+
+def main() -> None:
+    params = load_params()
+    cfg = params.evaluate
+    device = resolve_device(params.device)
+    dtype = resolve_precision(cfg.precision, device)
+    classes = load_meta(PREPARED)["classes"]
+    test = load_split(PREPARED, "test")
+    height, width, channels = test.images.shape[1:]
+    image_shape = (channels, height, width)
+
+    metrics, per_class = {}, {}
+    for name in MODELS:
+        model, config = load_model(Path("models") / name)
+        model.to(device, memory_format=torch.channels_last)
+        loader = BatchLoader(test, cfg.batch_size, device, config["mean"], config["std"])
+        result = evaluate_model(model, loader, dtype)
+        speed = inference_speed(model, loader, dtype, cfg.throughput_batches, cfg.latency_runs)
+        train_metrics = read_json(Path("metrics") / f"train_{name}.json")
+        metrics[name] = {
+            "test_acc": round(result["test_acc"], 6),
+            "test_loss": round(result["test_loss"], 6),
+            "params": count_params(model),
+            "flops_per_image": flops_per_image(model, image_shape),
+            **speed,
+            "train_time_s": train_metrics["train_time_s"],
+            "device": str(device),
+            "precision": str(dtype).removeprefix("torch."),
+        }
+        per_class[name] = result["per_class_acc"]
+        rows = [(classes[a], classes[p]) for a, p in zip(result["actual"].tolist(), result["predicted"].tolist())]
+        write_csv(Path("plots/evaluate") / f"{name}_predictions.csv", ["actual", "predicted"], rows)
+        print(f"evaluate: {name} test_acc {metrics[name]['test_acc']:.4f}, {metrics[name]['flops_per_image'] / 1e6:.1f} MFLOPs/image, "
+              f"{speed['inference_images_per_s']:.0f} img/s, {speed['latency_ms']:.2f} ms at batch 1")
+
+    write_csv(Path("plots/evaluate/per_class.csv"), ["class", *MODELS],
+              [[c, *(round(per_class[m][i], 6) for m in MODELS)] for i, c in enumerate(classes)])
+    write_json(Path("metrics/evaluate.json"), metrics)
+
+
+if __name__ == "__main__":
+    run_stage("evaluate", main)

@@ -1,0 +1,69 @@
+"""Stage train_vit / train_cnn: `python stages/train.py vit|cnn`.
+
+Writes models/<model>/ (safetensors weights + config), plots/train/<model>.csv (one row
+per epoch) and metrics/train_<model>.json.
+"""
+
+import sys
+from pathlib import Path
+
+import torch
+
+from vitcnn.cli import run_stage
+from vitcnn.config import load_params
+from vitcnn.data import load_meta, load_split, normalization
+from vitcnn.errors import UserError
+from vitcnn.io import write_csv, write_json
+from vitcnn.models import MODELS, build_model, count_params, model_kwargs, save_model
+from vitcnn.runtime import resolve_device, seed_everything
+from vitcnn.train import fit
+
+PREPARED = Path("data/prepared")
+
+
+def main() -> None:
+    if len(sys.argv) != 2 or sys.argv[1] not in MODELS:
+        raise UserError(f"usage: python stages/train.py {{{'|'.join(MODELS)}}}")
+    name = sys.argv[1]
+    params = load_params()
+    device = resolve_device(params.device)
+    meta = load_meta(PREPARED)
+    train, val = load_split(PREPARED, "train"), load_split(PREPARED, "val")
+    mean, std = normalization(meta, params.train.normalization)
+
+    seed_everything(params.seed)
+    kwargs = model_kwargs(name, params)
+    model = build_model(name, len(meta["classes"]), **kwargs)
+    n_params = count_params(model)
+    print(f"train_{name}: {n_params:,} parameters, {len(train)} train / {len(val)} val images on {device}")
+
+    def report(row: dict) -> None:
+        print(f"train_{name}: epoch {row['epoch']}/{params.train.epochs} loss {row['train_loss']:.4f} "
+              f"acc {row['train_acc']:.4f} val_loss {row['val_loss']:.4f} val_acc {row['val_acc']:.4f} "
+              f"({row['epoch_time_s']:.1f}s, {row['images_per_s']:.0f} img/s)", flush=True)
+
+    result = fit(model, train, val, params.train, mean, std, device, params.seed, name=name, on_epoch=report)
+    model.load_state_dict(result.state)
+
+    config = {"name": name, "num_classes": len(meta["classes"]), "kwargs": kwargs, "classes": meta["classes"],
+              "mean": mean, "std": std, "best_epoch": result.best_epoch}
+    save_model(model, Path("models") / name, config)
+    history = result.history
+    write_csv(Path("plots/train") / f"{name}.csv", list(history[0]), [list(r.values()) for r in history])
+    speeds = sorted(r["images_per_s"] for r in history)
+    write_json(Path("metrics") / f"train_{name}.json", {
+        "val_acc": history[result.best_epoch - 1]["val_acc"],
+        "best_epoch": result.best_epoch,
+        "final_val_acc": history[-1]["val_acc"],
+        "train_time_s": round(result.train_time_s, 2),
+        "train_images_per_s": speeds[len(speeds) // 2],
+        "params": n_params,
+        "epochs": len(history),
+        "device": str(device),
+        "precision": result.precision,
+        "torch": torch.__version__,
+    })
+
+
+if __name__ == "__main__":
+    run_stage(f"train_{sys.argv[1] if len(sys.argv) > 1 else ''}", main)
