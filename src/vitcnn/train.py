@@ -68,7 +68,7 @@ def fit(
     val_loader = BatchLoader(val, cfg.eval_batch_size, device, mean, std)
     dtype = resolve_precision(cfg.precision, device)
     model.to(device, memory_format=torch.channels_last)  # faster convolutions; no effect on linear layers
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = make_optimizer(model, cfg)
     step_model = maybe_compile(model, cfg.compile, device)
 
     history: list[dict] = []
@@ -101,6 +101,23 @@ def fit(
     return FitResult(history, best_epoch, best_state, str(dtype).removeprefix("torch."), time.perf_counter() - start)
 
 
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+               dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimisation step; returns the batch's mean loss and its count of correct predictions,
+    both still on the device (reading them is the caller's choice of when to sync)."""
+    with autocast(x.device, dtype):
+        logits = model(x)
+    loss = F.cross_entropy(logits.float(), y)  # loss in fp32 whatever the compute dtype
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.detach(), (logits.argmax(1) == y).sum()
+
+
 def _train_epoch(model, optimizer, loader: BatchLoader, dtype, epoch: int, epochs: int, name: str):
     """One pass over the shuffled, augmented train split; returns (mean loss, accuracy)."""
     model.train()
@@ -111,15 +128,9 @@ def _train_epoch(model, optimizer, loader: BatchLoader, dtype, epoch: int, epoch
     seen = 0
     bar = tqdm(total=len(loader), desc=f"{name} epoch {epoch}/{epochs}", unit="batch", leave=False)
     for step, (x, y) in enumerate(loader, start=1):
-        with autocast(device, dtype):
-            logits = model(x)
-        loss = F.cross_entropy(logits.float(), y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        loss = loss.detach()
+        loss, hits = train_step(model, optimizer, x, y, dtype)
         loss_sum += loss * len(y)
-        correct += (logits.argmax(1) == y).sum()
+        correct += hits
         first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), step, first_bad)
         seen += len(y)
         if step % PROGRESS_EVERY == 0 or step == len(loader):

@@ -12,6 +12,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from vitcnn.models.layers import Dropout
+
 
 class PatchEmbed(nn.Module):
     """Cut the image into non-overlapping patches and project each to embed_dim."""
@@ -30,8 +32,9 @@ class PatchEmbed(nn.Module):
 class Attention(nn.Module):
     """Multi-head self-attention.
 
-    `fused_attn` selects `F.scaled_dot_product_attention` (fast, used for training);
-    asking for the weights runs the manual softmax path, which computes the same function.
+    `fused_attn` selects `F.scaled_dot_product_attention`; asking for the weights (or
+    training with attention dropout on CPU) runs the manual softmax path, which computes
+    the same function.
     """
 
     def __init__(self, dim: int, num_heads: int, attn_drop: float):
@@ -41,27 +44,31 @@ class Attention(nn.Module):
         self.scale = self.head_dim**-0.5
         self.qkv = nn.Linear(dim, dim * 3)
         self.proj = nn.Linear(dim, dim)
-        self.attn_drop = attn_drop
+        self.attn_drop = Dropout(attn_drop)
         self.fused_attn = True
 
     def forward(self, x: torch.Tensor, return_weights: bool = False):
         B, N, D = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, N, head_dim)
-        drop = self.attn_drop if self.training else 0.0
         weights = None
-        if self.fused_attn and not return_weights:
-            x = F.scaled_dot_product_attention(q, k, v, dropout_p=drop)
+        if self.fused_attn and not return_weights and not self._drops_on_cpu(x):
+            x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop.p if self.training else 0.0)
         else:
             weights = (q @ k.transpose(-2, -1) * self.scale).softmax(dim=-1)  # (B, heads, N, N)
-            x = F.dropout(weights, drop, self.training) @ v
+            x = self.attn_drop(weights) @ v
         x = self.proj(x.transpose(1, 2).reshape(B, N, D))  # (B, N, D)
         return (x, weights) if return_weights else x
+
+    def _drops_on_cpu(self, x: torch.Tensor) -> bool:
+        # SDPA has no fused CPU kernel with dropout: its fallback is this same math with a
+        # bernoulli_ mask, so CPU training takes the manual path and the cheaper Dropout.
+        return self.training and self.attn_drop.p > 0 and x.device.type == "cpu"
 
 
 class Mlp(nn.Sequential):
     def __init__(self, dim: int, hidden: int, drop: float):
-        super().__init__(nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(drop), nn.Linear(hidden, dim), nn.Dropout(drop))
+        super().__init__(nn.Linear(dim, hidden), nn.GELU(), Dropout(drop), nn.Linear(hidden, dim), Dropout(drop))
 
 
 class Block(nn.Module):
@@ -102,7 +109,7 @@ class VisionTransformer(nn.Module):
         self.grid_size = self.patch_embed.grid_size
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches + 1, embed_dim))
-        self.pos_drop = nn.Dropout(dropout)
+        self.pos_drop = Dropout(dropout)
         self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio, dropout) for _ in range(depth))
         self.norm = nn.LayerNorm(embed_dim)
         self.head = nn.Linear(embed_dim, num_classes)

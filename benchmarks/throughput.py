@@ -1,0 +1,233 @@
+"""Training throughput of the pipeline's own training step, optionally against the naive way.
+
+    python benchmarks/throughput.py --model vit|cnn|all [--steps N] [--repeats R] [--baseline] [--json]
+
+Measures training images/s (loader + forward + backward + optimizer step) at the
+default params (the seed's models, batch 128) on the current device: warm-up steps,
+then the median of R timed windows of N steps each. With --baseline the naive way is
+measured in the same run, window by window alternating with the engine so that both
+see the same machine load: the seed program's own model classes (loaded from
+../shared/reference/seed_vit_vs_cnn.py when present; otherwise this project's models
+with manual attention and PyTorch's dropout), a torchvision-style Dataset with PIL
+transforms through a DataLoader with 2 workers, fp32, eager, and a `.item()` per step
+as the seed does.
+
+Data: data/prepared/train.safetensors when it exists, else random images of the same
+shape (speed does not depend on pixel values).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms
+
+from vitcnn.config import Params, TrainConfig
+from vitcnn.data import FIXED_MEAN, FIXED_STD, BatchLoader, Split
+from vitcnn.models import build_model, model_kwargs
+from vitcnn.runtime import maybe_compile, resolve_device, resolve_precision
+from vitcnn.train import make_optimizer, train_step
+
+ROOT = Path(__file__).resolve().parents[1]
+SEED_PROGRAM = ROOT.parent / "shared" / "reference" / "seed_vit_vs_cnn.py"
+
+
+def load_images(n_random: int = 10000) -> tuple[Split, str]:
+    prepared = ROOT / "data" / "prepared" / "train.safetensors"
+    if prepared.is_file():
+        from safetensors.torch import load_file
+
+        t = load_file(str(prepared))
+        return Split(t["images"], t["labels"]), str(prepared.relative_to(ROOT))
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (n_random, 32, 32, 3), dtype=torch.uint8, generator=g)
+    return Split(images, torch.randint(0, 10, (n_random,), generator=g)), f"random ({n_random} images)"
+
+
+class NaiveDataset(Dataset):
+    """What torchvision.datasets.CIFAR10 does per item: uint8 array -> PIL image -> transforms."""
+
+    def __init__(self, split: Split):
+        self.images, self.labels = split.images.numpy(), split.labels.numpy()
+        self.transform = transforms.Compose([
+            transforms.RandomCrop(32, padding=4),
+            transforms.RandomHorizontalFlip(),
+            transforms.ToTensor(),
+            transforms.Normalize(FIXED_MEAN, FIXED_STD),
+        ])
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int):
+        return self.transform(Image.fromarray(self.images[i])), int(self.labels[i])
+
+
+def naive_model(name: str, num_classes: int) -> tuple[nn.Module, str]:
+    if SEED_PROGRAM.is_file():
+        spec = importlib.util.spec_from_file_location("seed_program", SEED_PROGRAM)
+        seed = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(seed)
+        model = seed.VisionTransformer(num_classes=num_classes) if name == "vit" else seed.SimpleCNN(num_classes)
+        return model, "seed program's model"
+    model = build_model(name, num_classes, **model_kwargs(name, Params()))
+    for module in model.modules():
+        if hasattr(module, "fused_attn"):
+            module.fused_attn = False
+        if isinstance(module, nn.Dropout):
+            module.forward = lambda x, m=module: F.dropout(x, m.p, m.training)
+    return model, "project model, manual attention"
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+class Engine:
+    """The pipeline's training path: on-device uint8 loader, autocast, fused parts, no per-step sync."""
+
+    def __init__(self, name: str, split: Split, device: torch.device, cfg: TrainConfig):
+        torch.manual_seed(0)
+        self.model = build_model(name, 10, **model_kwargs(name, Params())).to(device, memory_format=torch.channels_last)
+        self.model.train()
+        self.optimizer = make_optimizer(self.model, cfg)
+        self.step_model = maybe_compile(self.model, cfg.compile, device)
+        self.dtype = resolve_precision(cfg.precision, device)
+        gen = torch.Generator(device=device).manual_seed(0)
+        self.loader = BatchLoader(split, cfg.batch_size, device, list(FIXED_MEAN), list(FIXED_STD), shuffle=True,
+                                  crop_padding=cfg.crop_padding, flip=cfg.flip, generator=gen)
+        self.device, self.batches = device, iter(())
+
+    def run(self, steps: int) -> int:
+        images, last = 0, None
+        for _ in range(steps):
+            batch = next(self.batches, None)
+            if batch is None:
+                self.batches = iter(self.loader)
+                batch = next(self.batches)
+            x, y = batch
+            last, _ = train_step(self.step_model, self.optimizer, x, y, self.dtype)
+            images += len(y)
+        last.item()  # one sync per window, so that the window's work is done when timed
+        return images
+
+
+class Naive:
+    """The seed program's way: DataLoader(2 workers) + PIL transforms, fp32, eager, .item() per step."""
+
+    def __init__(self, name: str, split: Split, device: torch.device, batch_size: int):
+        torch.manual_seed(0)
+        self.model, self.source = naive_model(name, 10)
+        self.model.to(device).train()
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=3e-4, weight_decay=0.05)
+        self.loader = DataLoader(NaiveDataset(split), batch_size=batch_size, shuffle=True, num_workers=2,
+                                 persistent_workers=True)
+        self.device, self.batches = device, iter(())
+
+    def run(self, steps: int) -> int:
+        images = 0
+        for _ in range(steps):
+            batch = next(self.batches, None)
+            if batch is None:
+                self.batches = iter(self.loader)
+                batch = next(self.batches)
+            x, y = batch[0].to(self.device), batch[1].to(self.device)
+            self.optimizer.zero_grad()
+            out = self.model(x)
+            out = out[0] if isinstance(out, tuple) else out
+            loss = F.cross_entropy(out, y)
+            loss.backward()
+            self.optimizer.step()
+            loss.item()
+            out.max(1)[1].eq(y).sum().item()
+            images += len(y)
+        return images
+
+
+def measure(runners: dict, steps: int, repeats: int, warmup: int) -> dict[str, list[float]]:
+    for runner in runners.values():
+        runner.run(warmup)
+    rates: dict[str, list[float]] = {k: [] for k in runners}
+    for _ in range(repeats):
+        for key, runner in runners.items():  # alternate: each window sees the same machine load
+            _sync(runner.device)
+            t0 = time.perf_counter()
+            images = runner.run(steps)
+            _sync(runner.device)
+            rates[key].append(images / (time.perf_counter() - t0))
+    return rates
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process peak RSS (KiB on Linux)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", choices=["vit", "cnn", "all"], default="all")
+    parser.add_argument("--steps", type=int, default=10, help="training steps per timed window")
+    parser.add_argument("--repeats", type=int, default=5, help="timed windows per variant (median reported)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    parser.add_argument("--baseline", action="store_true", help="also measure the naive way, alternating")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
+    parser.add_argument("--compile", default="auto", choices=["auto", "on", "off"])
+    parser.add_argument("--json", action="store_true", help="print one JSON object per model")
+    args = parser.parse_args()
+
+    device = resolve_device(args.device)
+    cfg = TrainConfig(precision=args.precision, compile=args.compile)
+    split, data = load_images()
+    for name in (["vit", "cnn"] if args.model == "all" else [args.model]):
+        runners = {"engine": Engine(name, split, device, cfg)}
+        if args.baseline:
+            runners["baseline"] = Naive(name, split, device, cfg.batch_size)
+        rates = measure(runners, args.steps, args.repeats, args.warmup)
+        result = {
+            "model": name,
+            "device": str(device),
+            "cpu_threads": torch.get_num_threads(),
+            "precision": str(runners["engine"].dtype).removeprefix("torch."),
+            "batch_size": cfg.batch_size,
+            "data": data,
+            "steps_per_window": args.steps,
+            "windows": args.repeats,
+            "train_images_per_s": round(statistics.median(rates["engine"]), 1),
+            "train_images_per_s_windows": [round(r, 1) for r in rates["engine"]],
+        }
+        if args.baseline:
+            base = statistics.median(rates["baseline"])
+            result.update({
+                "baseline": runners["baseline"].source,
+                "baseline_images_per_s": round(base, 1),
+                "baseline_images_per_s_windows": [round(r, 1) for r in rates["baseline"]],
+                "speedup": round(result["train_images_per_s"] / base, 2),
+            })
+        result["peak_memory_mb"] = round(peak_memory_mb(device), 1)
+        if args.json:
+            print(json.dumps(result), flush=True)
+        else:
+            line = f"{name}: {result['train_images_per_s']:.0f} img/s ({result['precision']}, {device})"
+            if args.baseline:
+                line += f"; naive {result['baseline_images_per_s']:.0f} img/s; speedup {result['speedup']:.2f}x"
+            print(line, flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
