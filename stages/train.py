@@ -1,7 +1,8 @@
 """Stage train_vit / train_cnn: `python stages/train.py vit|cnn`.
 
 Writes models/<model>/ (safetensors weights + config), plots/train/<model>.csv (one row
-per epoch) and metrics/train_<model>.json.
+per epoch) and metrics/train_<model>.json. After every epoch a resume checkpoint goes to
+checkpoints/<model>/last.pt; rerunning an interrupted stage goes on from it.
 """
 
 import sys
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from vitcnn.checkpoint import fingerprint
 from vitcnn.cli import run_stage
 from vitcnn.config import load_params
 from vitcnn.data import load_meta, load_split, normalization
@@ -42,7 +44,11 @@ def main() -> None:
               f"acc {row['train_acc']:.4f} val_loss {row['val_loss']:.4f} val_acc {row['val_acc']:.4f} "
               f"({row['epoch_time_s']:.1f}s, {row['images_per_s']:.0f} img/s)", flush=True)
 
-    result = fit(model, train, val, params.train, mean, std, device, params.seed, name=name, on_epoch=report)
+    checkpoint = Path("checkpoints") / name / "last.pt"
+    run_id = fingerprint(params.seed, params.device, params.train, getattr(params, name),
+                         files=(PREPARED / "train.safetensors", PREPARED / "val.safetensors"))
+    result = fit(model, train, val, params.train, mean, std, device, params.seed, name=name, on_epoch=report,
+                 checkpoint=checkpoint, fingerprint=run_id)
     model.load_state_dict(result.state)
 
     config = {"name": name, "num_classes": len(meta["classes"]), "kwargs": kwargs, "classes": meta["classes"],
@@ -63,6 +69,7 @@ def main() -> None:
         "precision": result.precision,
         "torch": torch.__version__,
     })
+    checkpoint.unlink()  # every output is written: nothing left to resume
 
 
 if __name__ == "__main__":

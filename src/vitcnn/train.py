@@ -14,12 +14,14 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from vitcnn.checkpoint import load_checkpoint, restore_rng_states, rng_states, save_checkpoint
 from vitcnn.config import TrainConfig
 from vitcnn.data import BatchLoader, Split
 from vitcnn.errors import UserError
@@ -47,6 +49,7 @@ class FitResult:
     state: dict[str, torch.Tensor]
     precision: str
     train_time_s: float
+    resumed_from: int  # epochs taken from a checkpoint (0 = a fresh run)
 
 
 def fit(
@@ -60,8 +63,15 @@ def fit(
     seed: int,
     name: str = "model",
     on_epoch: Callable[[dict], None] | None = None,
+    checkpoint: Path | None = None,
+    fingerprint: str = "",
 ) -> FitResult:
-    """Train `model` in place and return the per-epoch history and the selected weights."""
+    """Train `model` in place and return the per-epoch history and the selected weights.
+
+    With `checkpoint`, the state is saved there after every epoch, and a run whose
+    checkpoint has the same `fingerprint` (params and data) goes on from it, ending
+    with exactly the weights an uninterrupted run would have (on CPU).
+    """
     generator = torch.Generator(device=device).manual_seed(seed)
     train_loader = BatchLoader(train, cfg.batch_size, device, mean, std, shuffle=True,
                                crop_padding=cfg.crop_padding, flip=cfg.flip, generator=generator)
@@ -71,34 +81,53 @@ def fit(
     optimizer = make_optimizer(model, cfg)
     step_model = maybe_compile(model, cfg.compile, device)
 
-    history: list[dict] = []
-    best_epoch, best_acc, best_state = 0, -1.0, None
-    start = time.perf_counter()
-    for epoch in range(1, cfg.epochs + 1):
+    run = {"history": [], "best_epoch": 0, "best_acc": -1.0, "best_state": None, "train_time_s": 0.0}
+    saved = load_checkpoint(checkpoint, fingerprint) if checkpoint else None
+    if saved:
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        restore_rng_states(saved["rng"], generator)
+        run = saved["run"]
+        log.info("resuming %s from epoch %d of %d (%s)", name, len(run["history"]), cfg.epochs, checkpoint)
+    elif checkpoint:
+        log.info("starting %s fresh", name)
+    resumed_from = len(run["history"])
+
+    for epoch in range(resumed_from + 1, cfg.epochs + 1):
+        t0 = time.perf_counter()
         lr = lr_at(epoch - 1, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        t0 = time.perf_counter()
         train_loss, train_acc = _train_epoch(step_model, optimizer, train_loader, dtype, epoch, cfg.epochs, name)
-        epoch_s = time.perf_counter() - t0
+        train_s = time.perf_counter() - t0
         val_loss, val_acc = _validate(step_model, val_loader, dtype)
         row = {
             "epoch": epoch,
-            "train_loss": train_loss,
-            "train_acc": train_acc,
-            "val_loss": val_loss,
-            "val_acc": val_acc,
+            "train_loss": round(train_loss, 6),
+            "train_acc": round(train_acc, 6),
+            "val_loss": round(val_loss, 6),
+            "val_acc": round(val_acc, 6),
             "lr": lr,
-            "epoch_time_s": round(epoch_s, 3),
-            "images_per_s": round(len(train) / epoch_s, 1),
+            "epoch_time_s": round(train_s, 3),
+            "images_per_s": round(len(train) / train_s, 1),
         }
-        history.append(row)
+        run["history"].append(row)
+        run["train_time_s"] += time.perf_counter() - t0
+        if cfg.select == "last" or val_acc > run["best_acc"]:
+            run["best_epoch"], run["best_acc"] = epoch, val_acc
+            run["best_state"] = copy.deepcopy(model.state_dict())
+        if checkpoint:
+            save_checkpoint(checkpoint, {
+                "fingerprint": fingerprint,
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "rng": rng_states(generator),
+                "run": run,
+            })
         if on_epoch:
             on_epoch(row)
-        if cfg.select == "last" or val_acc > best_acc:
-            best_epoch, best_acc = epoch, val_acc
-            best_state = copy.deepcopy(model.state_dict())
-    return FitResult(history, best_epoch, best_state, str(dtype).removeprefix("torch."), time.perf_counter() - start)
+    return FitResult(run["history"], run["best_epoch"], run["best_state"], str(dtype).removeprefix("torch."),
+                     run["train_time_s"], resumed_from)
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
