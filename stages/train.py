@@ -17,7 +17,7 @@ from vitcnn.data import load_meta, load_split, normalization
 from vitcnn.errors import UserError
 from vitcnn.io import write_csv, write_json
 from vitcnn.models import MODELS, build_model, count_params, model_kwargs, save_model
-from vitcnn.runtime import resolve_device, seed_everything
+from vitcnn.runtime import resolve_device, seed_everything, use_deterministic
 from vitcnn.train import fit
 
 PREPARED = Path("data/prepared")
@@ -33,6 +33,7 @@ def main() -> None:
     train, val = load_split(PREPARED, "train"), load_split(PREPARED, "val")
     mean, std = normalization(meta, params.train.normalization)
 
+    use_deterministic(params.train.deterministic)
     seed_everything(params.seed)
     kwargs = model_kwargs(name, params)
     model = build_model(name, len(meta["classes"]), **kwargs)
@@ -47,8 +48,12 @@ def main() -> None:
     checkpoint = Path("checkpoints") / name / "last.pt"
     run_id = fingerprint(params.seed, params.device, params.train, getattr(params, name),
                          files=(PREPARED / "train.safetensors", PREPARED / "val.safetensors"))
-    result = fit(model, train, val, params.train, mean, std, device, params.seed, name=name, on_epoch=report,
-                 checkpoint=checkpoint, fingerprint=run_id)
+    try:
+        result = fit(model, train, val, params.train, mean, std, device, params.seed, name=name, on_epoch=report,
+                     checkpoint=checkpoint, fingerprint=run_id)
+    except torch.OutOfMemoryError:
+        raise UserError(f"{device} ran out of memory at train.batch_size {params.train.batch_size}; "
+                        f"try {max(1, params.train.batch_size // 2)}, or a smaller model") from None
     model.load_state_dict(result.state)
 
     config = {"name": name, "num_classes": len(meta["classes"]), "kwargs": kwargs, "classes": meta["classes"],

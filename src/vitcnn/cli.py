@@ -23,7 +23,8 @@ def run_stage(name: str, main: Callable[[], None]) -> None:
         print(f"{name}: error: {exc}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
-        print(f"{name}: interrupted; no partial output was written", file=sys.stderr)
+        print(f"{name}: interrupted; nothing partial was written (training resumes from its last epoch when rerun)",
+              file=sys.stderr)
         sys.exit(130)
 
 

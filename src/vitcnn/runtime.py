@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import random
 from pathlib import Path
 
@@ -75,6 +76,15 @@ def maybe_compile(model: nn.Module, mode: str, device: torch.device) -> nn.Modul
     except Exception as exc:  # any backend problem: train eagerly rather than not at all
         log.warning("torch.compile failed (%s); training eagerly", exc)
         return model
+
+
+def use_deterministic(enabled: bool) -> None:
+    """Deterministic kernels (cuDNN, cuBLAS, scatter/index ops) for bit-identical GPU runs."""
+    if enabled:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS starts
+    torch.use_deterministic_algorithms(enabled)
+    torch.backends.cudnn.deterministic = enabled
+    torch.backends.cudnn.benchmark = False
 
 
 def seed_everything(seed: int) -> None:
