@@ -8,6 +8,7 @@ import time
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from vitcnn.data import BatchLoader
@@ -21,10 +22,14 @@ def per_class_accuracy(predicted: torch.Tensor, actual: torch.Tensor, num_classe
 
 
 def flops_per_image(model: nn.Module, image_shape: tuple[int, ...]) -> int:
-    """Forward FLOPs for one image, as torch.utils.flop_counter counts them (2 per multiply-add)."""
+    """Forward FLOPs for one image, as torch.utils.flop_counter counts them (2 per multiply-add).
+
+    Attention runs on SDPA's math backend here: the counter has no formula for the fused
+    CPU kernel and would miss the attention products.
+    """
     model.eval()
     x = torch.zeros(1, *image_shape, device=next(model.parameters()).device)
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         model(x)
     return int(counter.get_total_flops())
 
