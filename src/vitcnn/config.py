@@ -113,6 +113,8 @@ def params_dict(obj: Any) -> Any:
 
 
 def _build(cls: type, raw: Any, prefix: str) -> Any:
+    if raw is None:  # a section with every key commented out: its defaults
+        raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{prefix.rstrip('.') or 'params.yaml'}: expected a mapping, got {raw!r}")
     hints = typing.get_type_hints(cls)

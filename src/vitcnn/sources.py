@@ -15,12 +15,14 @@ plain Python values.
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import io
 import logging
 import pickle
 import tarfile
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -117,8 +119,12 @@ def _read_files(path: Path) -> tuple[dict[str, bytes], str]:
     data = path.read_bytes()
     digest = hashlib.sha256(data).hexdigest()
     try:
-        files = _read_zip(data) if name.endswith(".zip") else _read_tar(data)
-    except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError) as exc:
+        if name.endswith(".zip"):
+            files = _read_zip(data)
+        else:
+            # Decompress whole first: gzip then checks its CRC, which a tar stream never reaches.
+            files = _read_tar(gzip.decompress(data) if name.endswith((".tar.gz", ".tgz")) else data)
+    except (tarfile.TarError, zipfile.BadZipFile, zlib.error, EOFError, OSError) as exc:
         raise DataError(f"{path}: corrupt or truncated archive ({exc})") from None
     return files, digest
 
@@ -138,6 +144,10 @@ def _read_tar(data: bytes) -> dict[str, bytes]:
                 raise DataError(f"tar member '{member.name}' is a link; refusing this archive")
             if member.isfile():
                 files[member.name] = tar.extractfile(member).read()
+        end = tar.offset
+    # tarfile takes a cut-off archive (or a damaged header) for its end; a whole one ends in zero blocks.
+    if data[end : end + tarfile.BLOCKSIZE] != bytes(tarfile.BLOCKSIZE):
+        raise tarfile.ReadError(f"no end-of-archive marker after byte {end}")
     return files
 
 
@@ -156,10 +166,12 @@ def _read_zip(data: bytes) -> dict[str, bytes]:
 
 def _parse(files: dict[str, bytes], dataset: str, where: str) -> RawDataset:
     names = {PurePosixPath(n).name for n in files}
-    if dataset == "cifar10" and "data_batch_1" in names:
-        raw = _parse_official_cifar10(files, where)
-    elif dataset == "cifar100" and {"train", "test", "meta"} <= names:
-        raw = _parse_official_cifar100(files, where)
+    official = {"cifar10": "data_batch_1" in names, "cifar100": {"train", "test", "meta"} <= names}
+    if official[dataset]:
+        raw = _parse_official_cifar10(files, where) if dataset == "cifar10" else _parse_official_cifar100(files, where)
+    elif any(official.values()):
+        other = next(d for d, found in official.items() if found)
+        raise DataError(f"{where}: this is the official {other} layout, but data.dataset is {dataset}; set data.dataset: {other}")
     else:
         raw = _parse_imagefolder(files, where)
     expected = NUM_CLASSES[dataset]
@@ -279,9 +291,8 @@ def _decode_split(files: dict[str, bytes], by_class: dict[str, list[str]], class
 def _decode_image(data: bytes, name: str) -> np.ndarray:
     try:
         with Image.open(io.BytesIO(data)) as img:
-            pixels = np.asarray(img.convert("RGB"))
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
+            if img.size != (IMAGE_SIZE, IMAGE_SIZE):  # checked before decoding: no huge decodes
+                raise DataError(f"{name}: image is {img.size[0]}x{img.size[1]}, expected {IMAGE_SIZE}x{IMAGE_SIZE}")
+            return np.asarray(img.convert("RGB"))
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as exc:
         raise DataError(f"{name}: unreadable image ({exc})") from None
-    if pixels.shape != (IMAGE_SIZE, IMAGE_SIZE, 3):
-        raise DataError(f"{name}: image is {pixels.shape[1]}x{pixels.shape[0]}, expected {IMAGE_SIZE}x{IMAGE_SIZE}")
-    return pixels

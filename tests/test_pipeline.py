@@ -1,0 +1,241 @@
+"""End to end: `dvc repro` of the real dvc.yaml on tiny data, then an experiment that changes one ViT
+param and must rerun only the ViT's training (and what depends on it).
+
+A copy of the project (dvc.yaml, params.yaml, stages/, src/) runs in a fresh git + DVC repo,
+with this venv's python first on PATH and the copied src/ first on PYTHONPATH.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import ROOT, make_imagefolder_members, tar_bytes
+
+pytestmark = pytest.mark.slow
+
+MODELS = ("vit", "cnn")
+
+# Put first on PYTHONPATH while the stages run: each stage process records, at exit, which
+# files of the project it imported, so the test can check them against the stage's deps.
+IMPORT_RECORDER = """
+import atexit, json, os, sys
+
+def _record():
+    if not sys.argv or not sys.argv[0].replace(os.sep, "/").startswith("stages/"):
+        return
+    root = os.getcwd()
+    used = sorted(os.path.relpath(m.__file__, root).replace(os.sep, "/") for name, m in list(sys.modules.items())
+                  if (name == "vitcnn" or name.startswith("vitcnn.")) and getattr(m, "__file__", None))
+    out = os.path.join(os.environ["VITCNN_IMPORT_LOG"], f"{os.getpid()}.json")
+    with open(out, "w") as f:
+        json.dump({"argv": sys.argv, "modules": used}, f)
+
+atexit.register(_record)
+"""
+TEST_IMAGES = 20  # 2 per class in the generated data
+
+
+def run(cmd: list[str], cwd: Path, env: dict, timeout: int = 300) -> subprocess.CompletedProcess:
+    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}"
+    return result
+
+
+def dvc(*args: str, cwd: Path, env: dict, timeout: int = 300) -> subprocess.CompletedProcess:
+    return run([sys.executable, "-m", "dvc", *args], cwd, env, timeout)
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    """A tiny copy of the project, reproduced once with `dvc repro` and committed."""
+    base = tmp_path_factory.mktemp("pipeline")
+    repo = base / "project"
+    repo.mkdir()
+    for name in ("dvc.yaml", "params.yaml"):
+        shutil.copy2(ROOT / name, repo / name)
+    ignore = shutil.ignore_patterns("__pycache__", "*.egg-info", "*.pyc")
+    for name in ("stages", "src"):
+        shutil.copytree(ROOT / name, repo / name, ignore=ignore)
+    (repo / ".gitignore").write_text((ROOT / ".gitignore").read_text())
+
+    members, _ = make_imagefolder_members(seed=3)
+    archive = base / "tiny-cifar10.tar.gz"
+    archive.write_bytes(tar_bytes({f"cifar10-jpeg/{n}": d for n, d in members.items()}, "w:gz"))
+
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["data"].update(source=str(archive), val_size=20)
+    params["train"].update(epochs=1, batch_size=16)
+    params["vit"].update(embed_dim=16, depth=1, num_heads=2)
+    params["cnn"].update(channels=[8, 16])
+    params["evaluate"].update(latency_runs=2, throughput_batches=1)
+    params["visualize"].update(num_images=2)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+    recorder = base / "recorder"
+    recorder.mkdir()
+    (recorder / "sitecustomize.py").write_text(IMPORT_RECORDER)
+    import_log = base / "imports"
+    import_log.mkdir()
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        # the copied code, not the editable install; and the import recorder
+        "PYTHONPATH": os.pathsep.join([str(recorder), str(repo / "src")]),
+        "VITCNN_IMPORT_LOG": str(import_log),
+        "DVC_NO_ANALYTICS": "1",
+        "DVC_SITE_CACHE_DIR": str(base / "dvc-site-cache"),
+        "GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@example.com",
+        "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@example.com",
+    }
+    run(["git", "init", "-q"], repo, env)
+    run(["git", "config", "user.name", "test"], repo, env)
+    run(["git", "config", "user.email", "test@example.com"], repo, env)
+    run(["git", "config", "commit.gpgsign", "false"], repo, env)
+    dvc("init", "-q", cwd=repo, env=env)
+    repro = dvc("repro", cwd=repo, env=env, timeout=600)
+    run(["git", "add", "-A"], repo, env)
+    run(["git", "commit", "-q", "-m", "tiny pipeline"], repo, env)
+    imports = [json.loads(p.read_text()) for p in sorted(import_log.glob("*.json"))]
+    return {"repo": repo, "env": env, "repro": repro, "imports": imports}
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_repro_writes_models_and_training_metrics(project):
+    repo = project["repo"]
+    for name in MODELS:
+        assert (repo / "models" / name / "model.safetensors").stat().st_size > 0
+        config = read_json(repo / "models" / name / "config.json")
+        assert config["name"] == name and config["num_classes"] == 10
+        metrics = read_json(repo / "metrics" / f"train_{name}.json")
+        assert metrics["params"] > 0 and metrics["epochs"] == 1
+        assert 0 <= metrics["val_acc"] <= 1
+        history = read_csv(repo / "plots" / "train" / f"{name}.csv")
+        assert [row["epoch"] for row in history] == ["1"]
+        assert {"train_loss", "val_loss", "val_acc", "lr"} <= set(history[0])
+
+
+def test_repro_evaluates_both_models_on_the_test_split(project):
+    repo = project["repo"]
+    metrics = read_json(repo / "metrics" / "evaluate.json")
+    assert set(metrics) == set(MODELS)
+    for name in MODELS:
+        m = metrics[name]
+        assert 0 <= m["test_acc"] <= 1
+        assert m["params"] == read_json(repo / "metrics" / f"train_{name}.json")["params"]
+        assert m["flops_per_image"] > 0
+        assert m["inference_images_per_s"] > 0
+        assert m["latency_ms"] > 0
+        assert m["train_time_s"] >= 0
+        with open(repo / "plots" / "evaluate" / f"{name}_predictions.csv", newline="") as f:
+            rows = list(csv.reader(f))
+        assert rows[0] == ["actual", "predicted"]
+        assert len(rows) == 1 + TEST_IMAGES
+        classes = read_json(repo / "models" / name / "config.json")["classes"]
+        assert all(a in classes and p in classes for a, p in rows[1:])
+        assert sorted(a for a, _ in rows[1:]) == sorted(classes * 2)  # every test image, once
+
+
+def test_repro_draws_the_figures(project):
+    images = project["repo"] / "plots" / "images"
+    pngs = sorted(p.name for p in images.glob("*.png"))
+    assert {"learning_curves.png", "confusion.png", "vit_attention.png", "cnn_features.png"} <= set(pngs)
+    for name in pngs:
+        assert (images / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_every_stage_lists_the_code_it_imports_as_deps(project):
+    # A module missing from a stage's deps means editing it does not rerun that stage.
+    stages = yaml.safe_load((project["repo"] / "dvc.yaml").read_text())["stages"]
+    runs = {" ".join(["python", *r["argv"]]): set(r["modules"]) for r in project["imports"]}
+    for name, stage in stages.items():
+        assert stage["cmd"] in runs, f"no record of stage {name} running ({sorted(runs)})"
+        imported = runs[stage["cmd"]]
+        assert any(m.startswith("src/vitcnn/") for m in imported)
+        deps = {d if isinstance(d, str) else next(iter(d)) for d in stage["deps"]}
+        # src/vitcnn/__init__.py holds only the package docstring and version.
+        missing = sorted(imported - deps - {"src/vitcnn/__init__.py"})
+        assert not missing, f"stage {name} imports {missing} but dvc.yaml does not list them as deps"
+        script = stage["cmd"].split()[1]
+        assert script in deps
+
+
+def test_dvc_metrics_show_lists_both_models(project):
+    shown = json.loads(dvc("metrics", "show", "--json", cwd=project["repo"], env=project["env"]).stdout)
+    text = json.dumps(shown)
+    evaluate = _find_metrics(shown, "metrics/evaluate.json")
+    assert evaluate is not None, text
+    assert set(MODELS) <= set(evaluate)
+    assert _find_metrics(shown, "metrics/train_vit.json") is not None
+    assert _find_metrics(shown, "metrics/train_cnn.json") is not None
+
+
+def _find_metrics(node, filename: str):
+    """The data of `filename` anywhere in `dvc metrics show --json` output (its layout varies by version)."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key.replace("\\", "/").endswith(filename) and isinstance(value, dict):
+                return value.get("data", value)
+            found = _find_metrics(value, filename)
+            if found is not None:
+                return found
+    return None
+
+
+def test_second_repro_has_nothing_to_do(project):
+    out = dvc("status", "--json", cwd=project["repo"], env=project["env"]).stdout
+    assert json.loads(out) == {}, out
+
+
+def test_experiment_on_a_vit_param_reruns_only_what_depends_on_it(project):
+    repo, env = project["repo"], project["env"]
+    before = {name: (repo / "metrics" / name).read_bytes() for name in ("train_vit.json", "train_cnn.json")}
+    cnn_mtime = (repo / "metrics" / "train_cnn.json").stat().st_mtime_ns
+    prepared_mtime = (repo / "data" / "prepared" / "train.safetensors").stat().st_mtime_ns
+
+    result = dvc("exp", "run", "-S", "vit.depth=2", cwd=repo, env=env, timeout=600)
+    out = result.stdout + result.stderr
+    assert "Stage 'prepare' didn't change, skipping" in out, out
+    assert "Stage 'train_cnn' didn't change, skipping" in out, out
+    assert "Running stage 'train_vit'" in out, out
+    assert "Running stage 'evaluate'" in out, out
+
+    # The CNN's results and the prepared data are untouched ...
+    assert (repo / "metrics" / "train_cnn.json").read_bytes() == before["train_cnn.json"]
+    assert (repo / "metrics" / "train_cnn.json").stat().st_mtime_ns == cnn_mtime
+    assert (repo / "data" / "prepared" / "train.safetensors").stat().st_mtime_ns == prepared_mtime
+    # ... and the ViT was retrained with the new depth: one more block, more parameters.
+    vit_before, vit_after = json.loads(before["train_vit.json"]), read_json(repo / "metrics" / "train_vit.json")
+    assert vit_after["params"] > vit_before["params"]
+    assert read_json(repo / "models" / "vit" / "config.json")["kwargs"]["depth"] == 2
+    assert read_json(repo / "metrics" / "evaluate.json")["vit"]["params"] == vit_after["params"]
+
+    # The experiment is recorded against the committed baseline, with its param and metrics.
+    shown = json.loads(dvc("exp", "show", "--json", cwd=repo, env=env).stdout)
+    baseline = next(e for e in shown if e["rev"] != "workspace")
+    experiments = [rev for exp in baseline.get("experiments") or [] for rev in exp.get("revs", [])]
+    assert len(experiments) == 1, json.dumps(shown)[:2000]
+    assert _exp_value(baseline, "params", "params.yaml")["vit"]["depth"] == 1
+    assert _exp_value(experiments[0], "params", "params.yaml")["vit"]["depth"] == 2
+    assert _exp_value(experiments[0], "metrics", "metrics/train_vit.json")["params"] == vit_after["params"]
+    assert _exp_value(experiments[0], "metrics", "metrics/train_cnn.json") == json.loads(before["train_cnn.json"])
+
+
+def _exp_value(entry: dict, kind: str, filename: str) -> dict:
+    return entry["data"][kind][filename]["data"]
