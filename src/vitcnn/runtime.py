@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import random
 from pathlib import Path
@@ -15,7 +14,6 @@ import torch.nn as nn
 from vitcnn.data import BatchLoader
 from vitcnn.errors import UserError
 
-log = logging.getLogger(__name__)
 
 
 def resolve_device(name: str) -> torch.device:
