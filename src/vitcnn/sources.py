@@ -120,28 +120,28 @@ def _read_files(path: Path) -> tuple[dict[str, bytes], str]:
     digest = hashlib.sha256(data).hexdigest()
     try:
         if name.endswith(".zip"):
-            files = _read_zip(data)
+            files = _read_zip(data, path)
         else:
             # Decompress whole first: gzip then checks its CRC, which a tar stream never reaches.
-            files = _read_tar(gzip.decompress(data) if name.endswith((".tar.gz", ".tgz")) else data)
+            files = _read_tar(gzip.decompress(data) if name.endswith((".tar.gz", ".tgz")) else data, path)
     except (tarfile.TarError, zipfile.BadZipFile, zlib.error, EOFError, OSError) as exc:
         raise DataError(f"{path}: corrupt or truncated archive ({exc})") from None
     return files, digest
 
 
-def _check_member(name: str, archive_kind: str) -> None:
+def _check_member(name: str, archive: Path) -> None:
     parts = PurePosixPath(name).parts
     if name.startswith(("/", "\\")) or ".." in parts or (parts and ":" in parts[0]):
-        raise DataError(f"{archive_kind} member '{name}' would escape the target folder; refusing this archive")
+        raise DataError(f"{archive}: member '{name}' would escape the target folder; refusing this archive")
 
 
-def _read_tar(data: bytes) -> dict[str, bytes]:
+def _read_tar(data: bytes, archive: Path) -> dict[str, bytes]:
     files = {}
     with tarfile.open(fileobj=io.BytesIO(data), mode="r:*") as tar:
         for member in tar:
-            _check_member(member.name, "tar")
+            _check_member(member.name, archive)
             if member.issym() or member.islnk():
-                raise DataError(f"tar member '{member.name}' is a link; refusing this archive")
+                raise DataError(f"{archive}: member '{member.name}' is a link; refusing this archive")
             if member.isfile():
                 files[member.name] = tar.extractfile(member).read()
         end = tar.offset
@@ -151,13 +151,13 @@ def _read_tar(data: bytes) -> dict[str, bytes]:
     return files
 
 
-def _read_zip(data: bytes) -> dict[str, bytes]:
+def _read_zip(data: bytes, archive: Path) -> dict[str, bytes]:
     files = {}
-    with zipfile.ZipFile(io.BytesIO(data)) as archive:
-        for info in archive.infolist():
-            _check_member(info.filename, "zip")
+    with zipfile.ZipFile(io.BytesIO(data)) as zipped:
+        for info in zipped.infolist():
+            _check_member(info.filename, archive)
             if not info.is_dir():
-                files[info.filename] = archive.read(info)
+                files[info.filename] = zipped.read(info)
     return files
 
 
@@ -275,15 +275,15 @@ def _parse_imagefolder(files: dict[str, bytes], where: str) -> RawDataset:
         only_train = sorted(set(classes) - set(splits["test"]))
         only_test = sorted(set(splits["test"]) - set(classes))
         raise DataError(f"{where}: train and test have different classes (only in train: {only_train}, only in test: {only_test})")
-    arrays = [_decode_split(files, splits[s], classes) for s in ("train", "test")]
+    arrays = [_decode_split(files, splits[s], classes, where) for s in ("train", "test")]
     return RawDataset(*arrays[0], *arrays[1], classes, "imagefolder", where, "")
 
 
-def _decode_split(files: dict[str, bytes], by_class: dict[str, list[str]], classes: list[str]):
+def _decode_split(files: dict[str, bytes], by_class: dict[str, list[str]], classes: list[str], where: str):
     images, labels = [], []
     for label, cls in enumerate(classes):
         for name in by_class[cls]:
-            images.append(_decode_image(files[name], name))
+            images.append(_decode_image(files[name], f"{where}: {name}"))
             labels.append(label)
     return np.stack(images), np.asarray(labels, dtype=np.int64)
 
@@ -294,5 +294,7 @@ def _decode_image(data: bytes, name: str) -> np.ndarray:
             if img.size != (IMAGE_SIZE, IMAGE_SIZE):  # checked before decoding: no huge decodes
                 raise DataError(f"{name}: image is {img.size[0]}x{img.size[1]}, expected {IMAGE_SIZE}x{IMAGE_SIZE}")
             return np.asarray(img.convert("RGB"))
-    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as exc:
+    except UnidentifiedImageError:
+        raise DataError(f"{name}: unreadable image (not an image format Pillow can read)") from None
+    except (Image.DecompressionBombError, OSError, ValueError) as exc:
         raise DataError(f"{name}: unreadable image ({exc})") from None
