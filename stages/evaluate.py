@@ -2,7 +2,8 @@
 
 Writes metrics/evaluate.json (per model: test accuracy and loss, parameters, FLOPs per
 image, inference images/s, batch-1 latency, training time), plots/evaluate/<model>_predictions.csv
-(`actual,predicted` rows for DVC's confusion template) and plots/evaluate/per_class.csv.
+(`actual,predicted,confidence` rows: DVC's confusion template reads the first two; confidence is the
+softmax probability of the predicted class) and plots/evaluate/per_class.csv.
 """
 
 from pathlib import Path
@@ -49,8 +50,9 @@ def main() -> None:
             "precision": str(dtype).removeprefix("torch."),
         }
         per_class[name] = result["per_class_acc"]
-        rows = [(classes[a], classes[p]) for a, p in zip(result["actual"].tolist(), result["predicted"].tolist())]
-        write_csv(Path("plots/evaluate") / f"{name}_predictions.csv", ["actual", "predicted"], rows)
+        rows = [(classes[a], classes[p], round(c, 6)) for a, p, c in
+                zip(result["actual"].tolist(), result["predicted"].tolist(), result["confidence"].tolist())]
+        write_csv(Path("plots/evaluate") / f"{name}_predictions.csv", ["actual", "predicted", "confidence"], rows)
         print(f"evaluate: {name} test_acc {metrics[name]['test_acc']:.4f}, {metrics[name]['flops_per_image'] / 1e6:.1f} MFLOPs/image, "
               f"{speed['inference_images_per_s']:.0f} img/s, {speed['latency_ms']:.2f} ms at batch 1")
 

@@ -76,6 +76,7 @@ class VisualizeConfig:
     num_images: int = 8  # fixed test images for attention and feature maps
     classes: list[str] = field(default_factory=list)  # empty = any class
     feature_channels: int = 2  # strongest channels shown per CNN block
+    mistakes: int = 8  # most confidently wrong test images shown per model
     dpi: int = 120
 
 
@@ -208,5 +209,6 @@ def _check_values(p: Params) -> None:
     _require(e.latency_runs >= 1, "evaluate.latency_runs", e.latency_runs, "use an integer >= 1")
     _require(vis.num_images >= 1, "visualize.num_images", vis.num_images, "use an integer >= 1")
     _require(vis.feature_channels >= 1, "visualize.feature_channels", vis.feature_channels, "use an integer >= 1")
+    _require(vis.mistakes >= 1, "visualize.mistakes", vis.mistakes, "use an integer >= 1")
     _require(vis.dpi >= 30, "visualize.dpi", vis.dpi, "use an integer >= 30")
 

@@ -155,18 +155,18 @@ def _train_epoch(model, optimizer, loader: BatchLoader, dtype, epoch: int, epoch
     correct = torch.zeros((), device=device, dtype=torch.long)
     first_bad = torch.full((), -1, device=device, dtype=torch.long)
     seen = 0
-    bar = tqdm(total=len(loader), desc=f"{name} epoch {epoch}/{epochs}", unit="batch", leave=False)
-    for step, (x, y) in enumerate(loader, start=1):
-        loss, hits = train_step(model, optimizer, x, y, dtype)
-        loss_sum += loss * len(y)
-        correct += hits
-        first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), step, first_bad)
-        seen += len(y)
-        if step % PROGRESS_EVERY == 0 or step == len(loader):
-            _check_finite(first_bad, epoch)
-            bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", refresh=False)
-            bar.update(step - bar.n)
-    bar.close()
+    # As a context manager the bar is cleared on an error or Ctrl-C too, so messages start on a clean line.
+    with tqdm(total=len(loader), desc=f"{name} epoch {epoch}/{epochs}", unit="batch", leave=False) as bar:
+        for step, (x, y) in enumerate(loader, start=1):
+            loss, hits = train_step(model, optimizer, x, y, dtype)
+            loss_sum += loss * len(y)
+            correct += hits
+            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), step, first_bad)
+            seen += len(y)
+            if step % PROGRESS_EVERY == 0 or step == len(loader):
+                _check_finite(first_bad, epoch)
+                bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", refresh=False)
+                bar.update(step - bar.n)
     return loss_sum.item() / seen, correct.item() / seen
 
 

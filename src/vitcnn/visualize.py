@@ -1,12 +1,19 @@
-"""Figures: learning curves, confusion matrices, ViT attention and CNN feature maps.
+"""Figures and the one-page report: learning curves, confusion, per-class accuracy, cost against
+accuracy, where each model looks (ViT attention and rollout, CNN feature maps and Grad-CAM) and
+the images each model gets wrong most confidently.
 
-Every figure has a title, axis labels and, where colour carries a value, a colour bar.
-Functions take plain data (arrays, dicts) and return nothing but the PNG they write.
+Every figure has a title, axis labels and, where colour carries a value, a colour bar; the
+layout is matplotlib's constrained layout, so titles, labels and colour bars never overlap.
+Functions take plain data (arrays, tensors, dicts) and write nothing but their PNG;
+`report` returns the Markdown text.
 """
 
 from __future__ import annotations
 
+import json
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -15,11 +22,35 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from matplotlib.cm import ScalarMappable  # noqa: E402
+from matplotlib.colors import Normalize  # noqa: E402
 
 from vitcnn.io import atomic_write  # noqa: E402
 
 MODEL_LABELS = {"vit": "ViT", "cnn": "CNN"}
 MODEL_COLORS = {"vit": "tab:blue", "cnn": "tab:orange"}
+OVERLAY_CMAP, OVERLAY_ALPHA, FEATURE_CMAP = "inferno", 0.6, "viridis"
+RIGHT, WRONG = "#1a7f37", "#cf222e"  # caption colours of correct and wrong predictions
+PANEL = 1.5  # inches per image panel
+# Columns of the one-row-per-model trade-off table, and how the figure and report name them.
+COST_AXES = {
+    "params": ("parameters", "parameters (millions)", 1e-6),
+    "flops_per_image": ("FLOPs", "forward FLOPs per image (millions)", 1e-6),
+    "train_time_s": ("training time", "training time (s)", 1.0),
+    "inference_images_per_s": ("inference speed", "inference images/s", 1.0),
+}
+TRADEOFF_FIELDS = ["test_acc", *COST_AXES, "latency_ms"]
+METRIC_LABELS = {
+    "test_acc": "test accuracy",
+    "test_loss": "test loss, cross-entropy",
+    "params": "parameters",
+    "flops_per_image": "forward FLOPs per image",
+    "inference_images_per_s": "inference images/s",
+    "latency_ms": "latency at batch 1, ms",
+    "train_time_s": "training time, s",
+    "device": "evaluated on",
+    "precision": "evaluation precision",
+}
 
 
 def _save(fig: plt.Figure, path: Path, dpi: int) -> None:
@@ -41,9 +72,26 @@ def pick_images(labels: np.ndarray, classes: list[str], wanted: list[str], count
     return np.array(picked)
 
 
+def confident_mistakes(
+    actual: np.ndarray, predicted: np.ndarray, confidence: np.ndarray, classes: list[str], wanted: list[str], count: int
+) -> np.ndarray:
+    """Indices of the `count` wrong predictions made with the highest confidence (ties: lower index first),
+    among images of the wanted classes (all if empty)."""
+    allowed = np.isin(actual, [classes.index(n) for n in wanted or classes])
+    wrong = np.flatnonzero((predicted != actual) & allowed)
+    order = np.argsort(-confidence[wrong], kind="stable")
+    return wrong[order[:count]]
+
+
+def prediction_caption(name: str, predicted: str, confidence: float, correct: bool) -> tuple[str, str]:
+    """('ViT: cat 87% ✓', green) — the text and colour under a model's panel."""
+    mark, color = ("✓", RIGHT) if correct else ("✗", WRONG)
+    return f"{MODEL_LABELS.get(name, name)}: {predicted} {100 * confidence:.0f}% {mark}", color
+
+
 def learning_curves(histories: dict[str, list[dict]], path: Path, dpi: int) -> None:
     """Loss (train, val) and accuracy (train, val) per epoch, both models on shared axes."""
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4.2), layout="constrained")
     for name, rows in histories.items():
         epochs = [r["epoch"] for r in rows]
         color, label = MODEL_COLORS.get(name), MODEL_LABELS.get(name, name)
@@ -63,7 +111,8 @@ def learning_curves(histories: dict[str, list[dict]], path: Path, dpi: int) -> N
 def confusion_matrices(confusions: dict[str, np.ndarray], classes: list[str], path: Path, dpi: int) -> None:
     """Row-normalised confusion matrices (rows: true class), one panel per model."""
     n = len(classes)
-    fig, axes = plt.subplots(1, len(confusions), figsize=(6.2 * len(confusions), 5.4), squeeze=False)
+    fig, axes = plt.subplots(1, len(confusions), figsize=(6.2 * len(confusions), 5.4), squeeze=False,
+                             layout="constrained")
     tick_size = 8 if n <= 20 else 4
     for ax, (name, counts) in zip(axes[0], confusions.items()):
         rates = counts / counts.sum(1, keepdims=True).clip(min=1)
@@ -86,6 +135,46 @@ def confusion_counts(actual: np.ndarray, predicted: np.ndarray, num_classes: int
     return np.bincount(actual * num_classes + predicted, minlength=num_classes**2).reshape(num_classes, num_classes)
 
 
+def per_class_bars(per_class: dict[str, Sequence[float]], classes: list[str], path: Path, dpi: int) -> None:
+    """Test accuracy per class as grouped bars, one bar per model in each group."""
+    n, models = len(classes), len(per_class)
+    width = 0.8 / models
+    fig, ax = plt.subplots(figsize=(max(7.0, 0.32 * n * models + 2), 4.4), layout="constrained")
+    x = np.arange(n)
+    for k, (name, acc) in enumerate(per_class.items()):
+        pct = 100 * np.asarray(acc, dtype=float)
+        bars = ax.bar(x + (k - (models - 1) / 2) * width, pct, width, color=MODEL_COLORS.get(name),
+                      label=f"{MODEL_LABELS.get(name, name)} (mean over classes {pct.mean():.1f}%)")
+        if n <= 20:
+            ax.bar_label(bars, fmt="%.0f", fontsize=6, padding=1)
+    ax.set_xticks(x, classes, rotation=45 if n <= 20 else 90, ha="right" if n <= 20 else "center",
+                  fontsize=8 if n <= 20 else 5)
+    ax.set(title="Per-class test accuracy, ViT vs CNN", xlabel="class", ylabel="test accuracy (%)", ylim=(0, 108))
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left", ncols=models)
+    _save(fig, path, dpi)
+
+
+def tradeoffs(metrics: dict[str, dict], path: Path, dpi: int) -> None:
+    """Test accuracy against each cost (parameters, FLOPs, training time, inference speed), one point per model."""
+    fig, axes = plt.subplots(1, len(COST_AXES), figsize=(3.3 * len(COST_AXES), 3.6), layout="constrained")
+    for ax, (key, (short, xlabel, unit)) in zip(axes, COST_AXES.items()):
+        for k, (name, m) in enumerate(metrics.items()):
+            x, y = m[key] * unit, 100 * m["test_acc"]
+            label = MODEL_LABELS.get(name, name)
+            ax.scatter(x, y, s=60, color=MODEL_COLORS.get(name), label=label, zorder=3)
+            # Labels alternate above and below their points, so two close points never share a line.
+            ax.annotate(f"{label} {y:.1f}%", (x, y), xytext=(0, 9 if k % 2 == 0 else -9), textcoords="offset points",
+                        ha="center", va="bottom" if k % 2 == 0 else "top", fontsize=8)
+        ax.set(title=f"accuracy vs {short}", xlabel=xlabel, ylabel="test accuracy (%)", ylim=(0, 100))
+        ax.set_xlim(0, 1.3 * max(m[key] * unit for m in metrics.values()) or 1.0)
+        ax.grid(alpha=0.3)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncols=len(labels), fontsize=8)
+    fig.suptitle("Accuracy against cost, one point per model")
+    _save(fig, path, dpi)
+
+
 def upsample(maps: torch.Tensor, size: int) -> np.ndarray:
     """(B, h, w) maps -> (B, size, size), bilinear, each scaled to [0, 1] for overlays."""
     up = F.interpolate(maps[:, None].float(), size=(size, size), mode="bilinear", align_corners=False)[:, 0]
@@ -94,60 +183,217 @@ def upsample(maps: torch.Tensor, size: int) -> np.ndarray:
     return ((up - lo) / (hi - lo).clamp(min=1e-12)).numpy()
 
 
-def attention_grid(
-    images: np.ndarray, titles: list[str], cls_attention: list[torch.Tensor], path: Path, dpi: int
-) -> None:
-    """Per image (rows): the image, then each layer's CLS-to-patch attention (heads averaged) over it.
-
-    cls_attention: one (B, grid, grid) tensor per layer.
-    """
-    layers = len(cls_attention)
-    size = images.shape[1]
-    fig, axes = plt.subplots(len(images), layers + 1, figsize=(1.6 * (layers + 1) + 0.8, 1.75 * len(images)),
-                             squeeze=False)
-    overlays = [upsample(a, size) for a in cls_attention]
-    for i, image in enumerate(images):
-        axes[i, 0].imshow(image)
-        axes[i, 0].set_title(titles[i], fontsize=8)
-        for layer in range(layers):
-            ax = axes[i, layer + 1]
-            ax.imshow(image)
-            shown = ax.imshow(overlays[layer][i], cmap="inferno", alpha=0.6, vmin=0, vmax=1)
-            if i == 0:
-                ax.set_title(f"layer {layer + 1}", fontsize=8)
+def _panel_grid(rows: int, cols: int, title: str, row_labels: Sequence[str], col_titles: Sequence[str],
+                caption_lines: int = 0) -> tuple[plt.Figure, np.ndarray]:
+    """A grid of image panels without ticks: column titles on the first row, row labels at the left."""
+    label_width = 0.07 * max((len(line) for label in row_labels for line in label.split("\n")), default=0)
+    fig, axes = plt.subplots(rows, cols, squeeze=False, layout="constrained",
+                             figsize=(PANEL * cols + label_width + 1.2, (PANEL + 0.16 * caption_lines) * rows + 0.8))
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.colorbar(shown, ax=axes, fraction=0.02, pad=0.01, label="CLS attention (scaled per map)")
-    fig.suptitle("ViT: CLS-token attention over the patch grid, every layer (mean over heads)")
+    for ax, text in zip(axes[0], col_titles):
+        ax.set_title(text, fontsize=8)
+    for ax, text in zip(axes[:, 0], row_labels):
+        ax.set_ylabel(text, rotation=0, ha="right", va="center", fontsize=8, labelpad=4)
+    fig.suptitle(title)
+    return fig, axes
+
+
+def _overlay(ax: plt.Axes, image: np.ndarray, heat: np.ndarray) -> None:
+    """The image with a [0, 1] heat map over it."""
+    ax.imshow(image)
+    ax.imshow(heat, cmap=OVERLAY_CMAP, alpha=OVERLAY_ALPHA, vmin=0, vmax=1)
+
+
+def _colorbar(fig: plt.Figure, axes: np.ndarray, label: str, cmap: str, location: str = "right") -> None:
+    """An opaque [0, 1] colour bar for `cmap` beside a block of panels, at most 4 inches long."""
+    span = PANEL * (axes.shape[0] if location == "right" else axes.shape[1])
+    length = min(span, 4.0)
+    fig.colorbar(ScalarMappable(Normalize(0, 1), cmap), ax=axes, location=location, label=label,
+                 shrink=length / span, aspect=length / 0.15)
+
+
+def overlay_grid(
+    images: np.ndarray,
+    columns: dict[str, torch.Tensor],
+    title: str,
+    row_labels: Sequence[str],
+    colorbar_label: str,
+    path: Path,
+    dpi: int,
+    captions: dict[str, Sequence[tuple[str, str]]] | None = None,
+    image_column: bool = True,
+) -> None:
+    """Rows: images (H, W, 3 uint8). Columns: the image itself, then each named map overlaid on it.
+
+    columns: title -> (B, h, w) maps at any resolution, upsampled to the image and scaled to
+    [0, 1] per map. captions: column title -> one (text, colour) per row, under its panels.
+    """
+    captions = captions or {}
+    titles = (["image"] if image_column else []) + list(columns)
+    heat = {name: upsample(maps, images.shape[1]) for name, maps in columns.items()}
+    lines = max((text.count("\n") + 1 for caps in captions.values() for text, _ in caps), default=0)
+    fig, axes = _panel_grid(len(images), len(titles), title, row_labels, titles, caption_lines=lines)
+    for i, image in enumerate(images):
+        for ax, name in zip(axes[i], titles):
+            if name in heat:
+                _overlay(ax, image, heat[name][i])
+            else:
+                ax.imshow(image)
+            if name in captions:
+                text, color = captions[name][i]
+                ax.set_xlabel(text, color=color, fontsize=7, labelpad=2)
+    _colorbar(fig, axes, colorbar_label, OVERLAY_CMAP)
     _save(fig, path, dpi)
 
 
+def attention_heads(image: np.ndarray, maps: torch.Tensor, title: str, path: Path, dpi: int) -> None:
+    """One image's attention in every layer (rows) and head (columns), and the mean over heads.
+
+    maps: (layers, heads, h, w), overlaid on the (H, W, 3) image.
+    """
+    layers, heads = maps.shape[:2]
+    columns = {f"head {h + 1}": maps[:, h] for h in range(heads)} | {"mean of heads": maps.mean(1)}
+    overlay_grid(np.repeat(image[None], layers, axis=0), columns, title, [f"layer {l + 1}" for l in range(layers)],
+                 "CLS attention (scaled per map)", path, dpi, image_column=False)
+
+
 def feature_grid(
-    images: np.ndarray, titles: list[str], block_maps: list[torch.Tensor], channels: int, path: Path, dpi: int
+    images: np.ndarray,
+    row_labels: Sequence[str],
+    block_maps: list[torch.Tensor],
+    channels: int,
+    cam: torch.Tensor,
+    cam_captions: Sequence[tuple[str, str]],
+    path: Path,
+    dpi: int,
 ) -> None:
-    """Per image (rows): the image, then each block's `channels` strongest feature maps.
+    """Per image (rows): the image, each block's `channels` strongest feature maps, and Grad-CAM over the image.
 
     block_maps: one (B, C, h, w) tensor per block; strength = mean activation of a channel.
+    cam: (B, H, W) Grad-CAM of the predicted class; cam_captions: (text, colour) under each.
     """
-    blocks = len(block_maps)
-    cols = 1 + blocks * channels
-    fig, axes = plt.subplots(len(images), cols, figsize=(1.45 * cols + 0.8, 1.6 * len(images)), squeeze=False)
+    col_titles = ["image"]
+    for b, maps in enumerate(block_maps):
+        col_titles += [f"block {b + 1} ({maps.shape[2]}×{maps.shape[3]})"] + [""] * (channels - 1)
+    col_titles.append("Grad-CAM, predicted")
+    fig, axes = _panel_grid(len(images), len(col_titles), f"CNN: the {channels} strongest feature maps of each "
+                            "block, and Grad-CAM of the predicted class", row_labels, col_titles, caption_lines=1)
+    heat = upsample(cam, images.shape[1])
     for i, image in enumerate(images):
         axes[i, 0].imshow(image)
-        axes[i, 0].set_title(titles[i], fontsize=8)
         for b, maps in enumerate(block_maps):
             strongest = maps[i].mean((1, 2)).topk(min(channels, maps.shape[1])).indices
             for k, ch in enumerate(strongest.tolist()):
                 ax = axes[i, 1 + b * channels + k]
                 fmap = maps[i, ch].float().numpy()
-                shown = ax.imshow(fmap / max(fmap.max(), 1e-12), cmap="viridis", vmin=0, vmax=1)
-                if i == 0:
-                    ax.set_title(f"block {b + 1}\n{tuple(maps.shape[2:])[0]}x{tuple(maps.shape[2:])[1]}", fontsize=7)
-                ax.set_xlabel(f"ch {ch}", fontsize=6, labelpad=1)
-    for ax in axes.flat:
-        ax.set_xticks([])
-        ax.set_yticks([])
-    fig.colorbar(shown, ax=axes, fraction=0.02, pad=0.01, label="activation (scaled per map)")
-    fig.suptitle(f"CNN: the {channels} strongest feature maps of each block")
+                ax.imshow(fmap / max(fmap.max(), 1e-12), cmap=FEATURE_CMAP, vmin=0, vmax=1)
+                ax.set_xlabel(f"channel {ch}", fontsize=7, labelpad=2)
+        _overlay(axes[i, -1], image, heat[i])
+        text, color = cam_captions[i]
+        axes[i, -1].set_xlabel(text, color=color, fontsize=7, labelpad=2)
+    _colorbar(fig, axes[:, 1:-1], "activation (scaled per map)", FEATURE_CMAP, location="bottom")
+    _colorbar(fig, axes[:, -1:], "Grad-CAM (scaled per map)", OVERLAY_CMAP, location="bottom")
     _save(fig, path, dpi)
+
+
+def mistakes_grid(
+    images: dict[str, np.ndarray], captions: dict[str, Sequence[str]], count: int, path: Path, dpi: int
+) -> None:
+    """One row per model: the test images it gets wrong most confidently, most confident first.
+
+    images: model -> (k, H, W, 3) uint8 with k <= count; captions: model -> one caption per image.
+    """
+    labels = [MODEL_LABELS.get(name, name) for name in images]
+    lines = max((text.count("\n") + 1 for texts in captions.values() for text in texts), default=0)
+    fig, axes = _panel_grid(len(images), count, "The test images each model gets wrong most confidently",
+                            labels, [f"#{j + 1}" for j in range(count)], caption_lines=lines)
+    for row, name in zip(axes, images):
+        for j, ax in enumerate(row):
+            if j < len(images[name]):
+                ax.imshow(images[name][j])
+                ax.set_xlabel(captions[name][j], color=WRONG, fontsize=7, labelpad=2)
+            else:
+                ax.set_frame_on(False)
+    _save(fig, path, dpi)
+
+
+# The figures the report shows, in its order: file stem -> (heading, what it shows).
+FIGURES = {
+    "compare_sample": ("Where each model looks", (
+        "Fixed, seeded test images: the ViT's attention rollout and the CNN's Grad-CAM of its predicted class. "
+        "Under each panel, that model's prediction and confidence (✓ right, ✗ wrong).")),
+    "per_class": ("Per-class accuracy", "Test accuracy of each class, ViT vs CNN."),
+    "tradeoffs": ("Accuracy against cost", (
+        "Test accuracy against parameters, forward FLOPs per image, training time and inference images/s; "
+        "one point per model.")),
+    "mistakes": ("Confident mistakes", (
+        "The test images each model gets wrong with the highest confidence: index in the test split, true "
+        "class, predicted class and confidence.")),
+    "compare_vit_mistakes": ("Where they look on the ViT's confident mistakes",
+                             "As above, on the images the ViT gets wrong most confidently."),
+    "compare_cnn_mistakes": ("Where they look on the CNN's confident mistakes",
+                             "As above, on the images the CNN gets wrong most confidently."),
+    "vit_attention": ("ViT attention per layer", (
+        "The CLS token's attention over the patch grid in each layer (mean over heads), and the rollout "
+        "across all layers.")),
+    "cnn_features": ("CNN feature maps and Grad-CAM", (
+        "The strongest channels of each block's output, and Grad-CAM of the predicted class on the last "
+        "block (its low resolution makes it coarse).")),
+    "learning_curves": ("Learning curves", "Loss and accuracy per epoch, train and validation."),
+    "confusion": ("Confusion matrices", "Rows: true class; each row sums to 1."),
+}
+
+
+def as_written(value: Any) -> str:
+    """A value as JSON writes it (numbers and lists exactly as in the metrics file), strings bare."""
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
+    return lines + ["| " + " | ".join(row) + " |" for row in rows]
+
+
+def report(
+    title: str,
+    intro: str,
+    metrics: dict[str, dict],
+    setups: dict[str, dict[str, Any]],
+    shared: dict[str, Any],
+    classes: list[str],
+    per_class: dict[str, Sequence[str]],
+    figures: Sequence[tuple[str, str, str]],
+) -> str:
+    """The one-page Markdown report.
+
+    metrics: model -> its entry of metrics/evaluate.json (shown exactly as written).
+    setups: model -> {setting (Markdown): value}; the settings on which the models differ
+    make a table, the rest join `shared` in one list. per_class: model -> accuracy per
+    class as written. figures: (heading, relative path, what it shows).
+    """
+    models = list(metrics)
+    names = [MODEL_LABELS.get(m, m) for m in models]
+    keys = list(dict.fromkeys(k for m in models for k in metrics[m]))
+    lines = [f"# {title}", "", intro, "", "## Test metrics", "",
+             "As written in `metrics/evaluate.json` (accuracy as a fraction, FLOPs counting a multiply-add as 2).", ""]
+    lines += _table(["metric", *names], [[f"{METRIC_LABELS.get(k, k)} (`{k}`)",
+                                          *(as_written(metrics[m].get(k, "—")) for m in models)] for k in keys])
+
+    settings = list(dict.fromkeys(k for m in models for k in setups[m]))
+    shown = {k: [as_written(setups[m][k]) if k in setups[m] else "—" for m in models] for k in settings}
+    differ = [k for k in settings if len(set(shown[k])) > 1]
+    differ.sort(key=lambda k: all(k in setups[m] for m in models))  # one model's own settings first
+    same = {**shared, **{k: setups[models[0]][k] for k in settings if k not in differ}}
+    lines += ["", "## How the two models differ", ""]
+    lines += _table(["setting", *names], [[k, *shown[k]] for k in differ])
+    lines += ["", "Shared by both: " + "; ".join(f"{k} = {as_written(v)}" for k, v in same.items()) + "."]
+
+    lines += ["", "## Per-class test accuracy", ""]
+    lines += _table(["class", *names], [[c, *(per_class[m][i] for m in models)] for i, c in enumerate(classes)])
+
+    lines += ["", "## Figures", ""]
+    for heading, link, caption in figures:
+        lines += [f"### {heading}", "", caption, "", f"![{heading}]({link})", ""]
+    return "\n".join(lines).rstrip() + "\n"

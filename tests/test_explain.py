@@ -1,0 +1,234 @@
+"""Where the models look, and the report: attention rollout, Grad-CAM, the choice of images,
+and the visualize stage end to end on a tiny generated project (its report must carry both
+models' numbers exactly as metrics/evaluate.json writes them).
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from vitcnn import explain
+from vitcnn import visualize as viz
+from vitcnn.data import FIXED_MEAN, FIXED_STD, write_prepared
+from vitcnn.io import write_csv, write_json
+from vitcnn.models import build_model, save_model
+
+ROOT = Path(__file__).resolve().parents[1]
+CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+TINY = {
+    "vit": {"img_size": 32, "patch_size": 8, "embed_dim": 8, "depth": 2, "num_heads": 2, "mlp_ratio": 2.0,
+            "dropout": 0.1},
+    "cnn": {"channels": [4, 8]},
+}
+
+
+def tiny(name: str, **overrides) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return build_model(name, len(CLASSES), **{**TINY[name], **overrides}).eval()
+
+
+def images(batch: int = 3, seed: int = 0) -> torch.Tensor:
+    return torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
+def attention_of(model: torch.nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    with torch.no_grad():
+        return model.forward_with_attention(x)[1]
+
+
+# --- ViT: CLS attention and rollout ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("patch_size", [4, 8, 16])
+def test_rollout_rows_sum_to_one_and_the_cls_map_has_the_patch_grid_shape(patch_size):
+    model = tiny("vit", patch_size=patch_size)
+    attention = attention_of(model, images(batch=3))
+    grid = 32 // patch_size
+    n = 1 + grid**2
+
+    rollout = explain.attention_rollout(attention)
+    assert rollout.shape == (3, n, n)
+    assert (rollout >= 0).all()
+    torch.testing.assert_close(rollout.sum(-1), torch.ones(3, n))
+
+    cls_map = explain.cls_rollout(attention, grid)
+    assert cls_map.shape == (3, grid, grid) == (3, model.grid_size, model.grid_size)
+    torch.testing.assert_close(cls_map.sum((1, 2)), torch.ones(3))
+
+
+def _softmax_rows(batch: int, heads: int, n: int, seed: int) -> torch.Tensor:
+    logits = torch.randn(batch, heads, n, n, generator=torch.Generator().manual_seed(seed))
+    return logits.softmax(-1)
+
+
+def test_rollout_averages_heads_adds_the_residual_and_multiplies_later_layers_on_the_left():
+    first, second = _softmax_rows(2, 3, 5, seed=1), _softmax_rows(2, 3, 5, seed=2)
+    eye = torch.eye(5)
+    step1, step2 = 0.5 * (first.mean(1) + eye), 0.5 * (second.mean(1) + eye)  # rows of A + I sum to 2
+    torch.testing.assert_close(explain.attention_rollout([first]), step1)
+    torch.testing.assert_close(explain.attention_rollout([first, second]), step2 @ step1)
+
+
+def test_rollout_follows_information_through_the_layers():
+    # Layer 1: patch 2 gathers from patch 4; layer 2: the CLS token gathers from patch 2 only.
+    # The rollout's CLS map must then sit on patches 2 and 4 and nowhere else.
+    n = 1 + 9
+    layer1, layer2 = torch.eye(n), torch.eye(n)
+    layer1[1 + 2] = F.one_hot(torch.tensor(1 + 4), n).float()
+    layer2[0] = F.one_hot(torch.tensor(1 + 2), n).float()
+    cls_map = explain.cls_rollout([layer1[None, None], layer2[None, None]], grid=3).flatten()
+    assert set(torch.nonzero(cls_map).flatten().tolist()) == {2, 4}
+    torch.testing.assert_close(cls_map.sum(), torch.tensor(1.0))
+
+
+def test_cls_attention_is_each_layers_and_heads_own_cls_row():
+    model = tiny("vit")
+    attention = attention_of(model, images(batch=2))
+    maps = explain.cls_attention(attention, model.grid_size)
+    depth, heads, grid = TINY["vit"]["depth"], TINY["vit"]["num_heads"], model.grid_size
+    assert maps.shape == (2, depth, heads, grid, grid)
+    for layer in range(depth):
+        for head in range(heads):
+            torch.testing.assert_close(maps[:, layer, head].flatten(1), attention[layer][:, head, 0, 1:])
+
+
+# --- CNN: Grad-CAM ------------------------------------------------------------------------
+
+
+def test_gradcam_is_non_negative_has_the_image_size_and_leaves_no_gradient():
+    model, x = tiny("cnn"), images(batch=4)
+    cam = explain.gradcam(model, x, torch.tensor([0, 3, 5, 9]))
+    assert cam.shape == (4, 32, 32) == (x.shape[0], *x.shape[-2:])
+    assert torch.isfinite(cam).all() and (cam >= 0).all()
+    assert cam.flatten(1).amax(1).gt(0).any()
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_gradcam_changes_with_the_target_class():
+    model, x = tiny("cnn"), images(batch=4)
+    maps = {c: explain.gradcam(model, x, torch.full((4,), c)) for c in range(len(CLASSES))}
+    # A class whose evidence is negative everywhere gets an all-zero map (the ReLU); the others differ.
+    shown = [c for c, cam in maps.items() if cam.amax() > 0]
+    assert len(shown) >= 2
+    for a in shown:
+        for b in shown[shown.index(a) + 1 :]:
+            assert not torch.allclose(maps[a], maps[b]), f"classes {a} and {b} give the same Grad-CAM"
+
+
+def test_gradcam_of_a_global_average_pool_head_is_the_class_activation_map():
+    # With GAP + linear, d logit_c / d feature_k = W[c, k] / (h * w) everywhere: Grad-CAM is CAM.
+    model, x, target = tiny("cnn"), images(batch=2), torch.tensor([1, 7])
+    with torch.no_grad():
+        features = model.forward_features(x)  # (B, C, h, w)
+    h, w = features.shape[-2:]
+    weights = model.head.weight[target]  # (B, C)
+    cam = F.relu(torch.einsum("bc,bchw->bhw", weights, features) / (h * w))
+    expected = F.interpolate(cam[:, None], size=(32, 32), mode="bilinear", align_corners=False)[:, 0]
+    torch.testing.assert_close(explain.gradcam(model, x, target), expected.detach())
+
+
+# --- the images shown ---------------------------------------------------------------------
+
+
+def test_confident_mistakes_are_wrong_most_confident_first_and_of_the_wanted_classes():
+    actual = np.array([0, 1, 2, 0, 1, 2, 0])
+    predicted = np.array([1, 1, 0, 2, 2, 2, 1])
+    confidence = np.array([0.6, 0.99, 0.7, 0.9, 0.8, 0.95, 0.6])
+    names = CLASSES[:3]
+    assert viz.confident_mistakes(actual, predicted, confidence, names, [], 10).tolist() == [3, 4, 2, 0, 6]
+    assert viz.confident_mistakes(actual, predicted, confidence, names, [], 2).tolist() == [3, 4]
+    assert viz.confident_mistakes(actual, predicted, confidence, names, ["airplane"], 10).tolist() == [3, 0, 6]
+
+
+# --- the visualize stage on a tiny project ----------------------------------------------------
+
+# Written by json.dumps as evaluate writes them; the report must show these texts unchanged.
+METRICS = {
+    "vit": {"test_acc": 0.8125, "test_loss": 0.612345, "params": 1205898, "flops_per_image": 154143232,
+            "inference_images_per_s": 386.4, "latency_ms": 7.112, "train_time_s": 61.23, "device": "cpu",
+            "precision": "float32"},
+    "cnn": {"test_acc": 0.78125, "test_loss": 0.702, "params": 4694346, "flops_per_image": 418785280,
+            "inference_images_per_s": 771.0, "latency_ms": 6.1, "train_time_s": 19.29, "device": "cpu",
+            "precision": "float32"},
+}
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    """Everything the visualize stage reads, tiny and generated; then the stage, run once."""
+    root = tmp_path_factory.mktemp("visualize")
+    rng = np.random.default_rng(0)
+    splits = {name: (rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8), np.arange(n, dtype=np.int64) % 10)
+              for name, n in (("train", 20), ("val", 10), ("test", 30))}
+    write_prepared(root / "data/prepared", splits, {"dataset": "cifar10", "classes": CLASSES,
+                                                     "counts": {k: len(v[1]) for k, v in splits.items()}})
+    actual = splits["test"][1]
+    for name in ("vit", "cnn"):
+        config = {"name": name, "num_classes": 10, "kwargs": TINY[name], "classes": CLASSES,
+                  "mean": list(FIXED_MEAN), "std": list(FIXED_STD), "best_epoch": 2}
+        save_model(tiny(name), root / "models" / name, config)
+        write_csv(root / "plots/train" / f"{name}.csv",
+                  ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr"],
+                  [[1, 2.3, 0.1, 2.2, 0.15, 3e-4], [2, 2.0, 0.2, 2.1, 0.2, 1e-4]])
+        predicted = rng.integers(0, 10, len(actual))
+        confidence = rng.uniform(0.1, 1.0, len(actual)).round(6)
+        write_csv(root / "plots/evaluate" / f"{name}_predictions.csv", ["actual", "predicted", "confidence"],
+                  [(CLASSES[a], CLASSES[p], c) for a, p, c in zip(actual, predicted, confidence)])
+        write_json(root / "metrics" / f"train_{name}.json",
+                   {"val_acc": 0.2, "best_epoch": 2, "final_val_acc": 0.2, "epochs": 2, "device": "cpu",
+                    "precision": "float32", "train_time_s": METRICS[name]["train_time_s"],
+                    "params": METRICS[name]["params"]})
+    write_csv(root / "plots/evaluate/per_class.csv", ["class", "vit", "cnn"],
+              [[c, round(0.05 * i, 6), round(0.9 - 0.05 * i, 6)] for i, c in enumerate(CLASSES)])
+    write_json(root / "metrics/evaluate.json", METRICS)
+    (root / "params.yaml").write_text("visualize:\n  num_images: 3\n  mistakes: 2\n  dpi: 40\n")
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    result = subprocess.run([sys.executable, str(ROOT / "stages/visualize.py")], cwd=root, env=env,
+                            capture_output=True, text=True, timeout=600, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return root
+
+
+def test_report_shows_both_models_metrics_exactly_as_written(project):
+    written = (project / "metrics/evaluate.json").read_text()
+    report = (project / "plots/report.md").read_text()
+    rows = {m.group(1): [cell.strip() for cell in m.group(0).strip("|").split("|")[1:]]
+            for m in re.finditer(r"^\|[^|\n]*\(`(\w+)`\)[^\n]*$", report, flags=re.MULTILINE)}
+    for key in METRICS["vit"]:
+        as_written = re.findall(rf'"{key}": ("?[^,\n]*?"?),?\n', written)  # ViT's, then the CNN's
+        assert len(as_written) == 2, key
+        assert rows[key] == [text.strip('"') for text in as_written], f"{key}: {rows.get(key)} vs {as_written}"
+
+
+def test_report_lists_what_differs_and_links_every_figure(project):
+    report = (project / "plots/report.md").read_text()
+    assert "| `vit.depth` | 2 | — |" in report
+    assert "| `cnn.channels` | — | [4, 8] |" in report
+    links = re.findall(r"\]\(([^)]+\.png)\)", report)
+    assert {f"images/{stem}.png" for stem in viz.FIGURES} <= set(links)
+    assert any(link.startswith("images/vit_heads/") for link in links)
+    for link in links:
+        assert (project / "plots" / link).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", link
+
+
+def test_stage_writes_per_model_data_for_dvc_plots(project):
+    for name in ("vit", "cnn"):
+        with open(project / "plots/compare/tradeoff" / f"{name}.csv", newline="") as f:
+            (row,) = list(csv.DictReader(f))
+        assert row["model"] == viz.MODEL_LABELS[name]
+        assert {k: row[k] for k in viz.TRADEOFF_FIELDS} == {k: str(METRICS[name][k]) for k in viz.TRADEOFF_FIELDS}
+        with open(project / "plots/compare/per_class" / f"{name}.csv", newline="") as f:
+            assert [r["class"] for r in csv.DictReader(f)] == CLASSES
+    heads = sorted((project / "plots/images/vit_heads").glob("*.png"))
+    assert len(heads) == 3
