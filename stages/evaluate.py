@@ -3,7 +3,7 @@
 Writes metrics/evaluate.json (per model: test accuracy and loss, parameters, FLOPs per
 image, inference images/s, batch-1 latency, training time), plots/evaluate/<model>_predictions.csv
 (`actual,predicted,confidence` rows: DVC's confusion template reads the first two; confidence is the
-softmax probability of the predicted class) and plots/evaluate/per_class.csv.
+softmax probability of the predicted class) and plots/evaluate/per_class/<model>.csv.
 """
 
 from pathlib import Path
@@ -31,7 +31,7 @@ def main() -> None:
     height, width, channels = test.images.shape[1:]
     image_shape = (channels, height, width)
 
-    metrics, per_class = {}, {}
+    metrics = {}
     for name in MODELS:
         model, config = load_model(Path("models") / name)
         model.to(device, memory_format=torch.channels_last)
@@ -49,15 +49,14 @@ def main() -> None:
             "device": str(device),
             "precision": str(dtype).removeprefix("torch."),
         }
-        per_class[name] = result["per_class_acc"]
+        write_csv(Path("plots/evaluate/per_class") / f"{name}.csv", ["class", "accuracy"],
+                  [[c, round(acc, 6)] for c, acc in zip(classes, result["per_class_acc"])])
         rows = [(classes[a], classes[p], round(c, 6)) for a, p, c in
                 zip(result["actual"].tolist(), result["predicted"].tolist(), result["confidence"].tolist())]
         write_csv(Path("plots/evaluate") / f"{name}_predictions.csv", ["actual", "predicted", "confidence"], rows)
         print(f"evaluate: {name} test_acc {metrics[name]['test_acc']:.4f}, {metrics[name]['flops_per_image'] / 1e6:.1f} MFLOPs/image, "
               f"{speed['inference_images_per_s']:.0f} img/s, {speed['latency_ms']:.2f} ms at batch 1")
 
-    write_csv(Path("plots/evaluate/per_class.csv"), ["class", *MODELS],
-              [[c, *(round(per_class[m][i], 6) for m in MODELS)] for i, c in enumerate(classes)])
     write_json(Path("metrics/evaluate.json"), metrics)
 
 

@@ -1,4 +1,4 @@
-"""Stage visualize: figures under plots/images/, per-class accuracy and a one-row trade-off table
+"""Stage visualize: figures under plots/images/, a one-row trade-off table
 per model under plots/compare/ (for `dvc plots`), and the one-page report plots/report.md.
 
 Everything runs on the CPU in fp32, on a fixed, seeded set of test images and on the test
@@ -23,7 +23,7 @@ from vitcnn.models import MODELS, load_model
 
 PREPARED = Path("data/prepared")
 OUT = Path("plots/images")
-COMPARE = Path("plots/compare")  # per model: per_class/<model>.csv, tradeoff/<model>.csv (one row), for dvc plots
+COMPARE = Path("plots/compare")  # per model: tradeoff/<model>.csv (one row), for dvc plots
 REPORT = Path("plots/report.md")
 COPIED_TO_EVALUATE = ("params", "train_time_s")  # training metrics that metrics/evaluate.json repeats
 
@@ -54,12 +54,12 @@ def main() -> None:
     confidence = {name: np.array([float(r["confidence"]) for r in rows]) for name, rows in predictions.items()}
     confusions = {name: viz.confusion_counts(actual, pred, len(classes)) for name, pred in predicted.items()}
     viz.confusion_matrices(confusions, classes, OUT / "confusion.png", cfg.dpi)
-    per_class = {name: [row[name] for row in read_rows(Path("plots/evaluate/per_class.csv"))] for name in MODELS}
+    per_class = {name: [row["accuracy"] for row in read_rows(Path("plots/evaluate/per_class") / f"{name}.csv")]
+                 for name in MODELS}
     viz.per_class_bars({n: [float(a) for a in acc] for n, acc in per_class.items()}, classes,
                        OUT / "per_class.png", cfg.dpi)
     metrics = read_json(Path("metrics/evaluate.json"))
     for name in MODELS:
-        write_csv(COMPARE / "per_class" / f"{name}.csv", ["class", "accuracy"], list(zip(classes, per_class[name])))
         write_csv(COMPARE / "tradeoff" / f"{name}.csv", ["model", *viz.TRADEOFF_FIELDS],
                   [[viz.MODEL_LABELS[name], *(metrics[name][k] for k in viz.TRADEOFF_FIELDS)]])
     viz.tradeoffs(metrics, OUT / "tradeoffs.png", cfg.dpi)
