@@ -12,7 +12,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from vitcnn.data import BatchLoader
-from vitcnn.runtime import predict
+from vitcnn.runtime import autocast, predict
 
 
 def per_class_accuracy(predicted: torch.Tensor, actual: torch.Tensor, num_classes: int) -> list[float]:
@@ -41,32 +41,31 @@ def _sync(device: torch.device) -> None:
         torch.mps.synchronize()
 
 
+def _median_seconds(model: nn.Module, x: torch.Tensor, runs: int) -> float:
+    """Median wall time of `runs` forwards of x, each waited for on the device."""
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        model(x)
+        _sync(x.device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
 @torch.no_grad()
 def inference_speed(model: nn.Module, loader: BatchLoader, dtype: torch.dtype, batches: int, latency_runs: int) -> dict:
     """Inference images/s (median over `batches` full batches) and batch-1 latency (median, ms)."""
     model.eval()
-    device = loader.device
     x, _ = next(iter(loader))
     one = x[:1].contiguous(memory_format=torch.channels_last)
-    with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-        for warm in (x, one, one):
-            model(warm)
-        _sync(device)
-        batch_s = []
-        for _ in range(batches):
-            t0 = time.perf_counter()
-            model(x)
-            _sync(device)
-            batch_s.append(time.perf_counter() - t0)
-        latency_s = []
-        for _ in range(latency_runs):
-            t0 = time.perf_counter()
-            model(one)
-            _sync(device)
-            latency_s.append(time.perf_counter() - t0)
+    with autocast(loader.device, dtype):
+        _median_seconds(model, x, 1)  # warm-up: first calls allocate and pick kernels
+        _median_seconds(model, one, 2)
+        batch_s = _median_seconds(model, x, batches)
+        latency_s = _median_seconds(model, one, latency_runs)
     return {
-        "inference_images_per_s": round(len(x) / statistics.median(batch_s), 1),
-        "latency_ms": round(1000 * statistics.median(latency_s), 3),
+        "inference_images_per_s": round(len(x) / batch_s, 1),
+        "latency_ms": round(1000 * latency_s, 3),
     }
 
 
