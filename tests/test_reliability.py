@@ -178,3 +178,24 @@ def test_unreachable_download_says_how_to_use_a_local_copy(tmp_path, monkeypatch
     monkeypatch.setattr(tv_utils, "download_url", offline)
     with pytest.raises(DataError, match="set data.source to its path"):
         download_official("cifar10", tmp_path)
+
+
+def test_out_of_memory_names_the_batch_size_and_what_to_try(project, monkeypatch, capsys):
+    import runpy
+
+    import torch
+
+    import vitcnn.train
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(vitcnn.train, "fit", out_of_memory)
+    monkeypatch.chdir(project)
+    monkeypatch.setattr(sys, "argv", ["stages/train.py", "vit"])
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(str(ROOT / "stages" / "train.py"), run_name="__main__")
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1
+    assert "ran out of memory at train.batch_size 16; try 8" in err[0]
