@@ -21,7 +21,8 @@ def make_split(n: int, seed: int = 0) -> Split:
 
 
 def loader(split, batch_size=8, norm=IDENTITY, seed=0, **kwargs) -> BatchLoader:
-    generator = torch.Generator().manual_seed(seed) if kwargs.get("shuffle") else None
+    random = kwargs.get("shuffle") or kwargs.get("crop_padding") or kwargs.get("flip")
+    generator = torch.Generator().manual_seed(seed) if random else None
     return BatchLoader(split, batch_size, CPU, norm[0], norm[1], generator=generator, **kwargs)
 
 
@@ -100,10 +101,19 @@ def test_flip_gives_the_original_or_its_mirror_and_both_occur():
     assert 0 < kinds.count("mirror") < len(kinds)
 
 
-def test_no_augmentation_without_shuffle():
-    split = make_split(12)
-    for x, y in loader(split, batch_size=5, crop_padding=4, flip=True):
-        assert torch.equal(pixels(x), split.images[y])
+def test_augmentation_without_shuffle_keeps_the_order():
+    split = make_split(40)
+    batches = list(loader(split, batch_size=16, flip=True))
+    assert torch.equal(torch.cat([y for _, y in batches]), split.labels)
+    images = torch.cat([pixels(x) for x, _ in batches])
+    mirrored = [torch.equal(img, split.images[i].flip(1)) for i, img in enumerate(images)]
+    assert all(m or torch.equal(img, split.images[i]) for i, (img, m) in enumerate(zip(images, mirrored)))
+    assert 0 < sum(mirrored) < len(split)
+
+
+def test_augmentation_needs_a_seeded_generator():
+    with pytest.raises(ValueError, match="seeded generator"):
+        BatchLoader(make_split(4), 2, CPU, *IDENTITY, crop_padding=4)
 
 
 def test_same_seed_gives_identical_batches_and_another_seed_does_not():

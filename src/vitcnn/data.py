@@ -106,7 +106,7 @@ class BatchLoader:
 
     With `shuffle`, each epoch draws a fresh order from `generator`; `crop_padding` > 0
     takes a random crop of the zero-padded image and `flip` mirrors half the images,
-    each drawn per image but applied to the whole batch in one gather.
+    each drawn per image from `generator` but applied to the whole batch in one gather.
     """
 
     def __init__(
@@ -121,8 +121,8 @@ class BatchLoader:
         flip: bool = False,
         generator: torch.Generator | None = None,
     ):
-        if shuffle and generator is None:
-            raise ValueError("a shuffling loader needs a seeded generator")
+        if (shuffle or crop_padding or flip) and generator is None:
+            raise ValueError("a random order or augmentation needs a seeded generator")
         self.batch_size, self.device, self.shuffle, self.generator = batch_size, device, shuffle, generator
         self.labels = split.labels.to(device)
         self.pad = crop_padding
@@ -152,9 +152,9 @@ class BatchLoader:
 
     def _gather(self, idx: torch.Tensor) -> torch.Tensor:
         """(B, H, W, C) uint8: crop and flip as one index computation, one gather."""
+        if not (self.pad or self.flip):
+            return self.images[idx]
         b, s, padded = len(idx), self.size, self.images.shape[1]
-        if not (self.shuffle and (self.pad or self.flip)):
-            return self.images[idx, self.pad : self.pad + s, self.pad : self.pad + s]
         hi = 2 * self.pad + 1
         dy = torch.randint(0, hi, (b, 1), device=self.device, generator=self.generator)
         dx = torch.randint(0, hi, (b, 1), device=self.device, generator=self.generator)
