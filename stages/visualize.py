@@ -78,25 +78,28 @@ def main() -> None:
     def row_labels(picked: np.ndarray) -> list[str]:
         return [f"test #{i}\ntrue: {classes[actual[i]]}" for i in picked]
 
-    sets = {"sample": viz.pick_images(actual, classes, cfg.classes, cfg.num_images, params.seed)}
-    sets |= {f"{n}_mistakes": viz.confident_mistakes(actual, predicted[n], confidence[n], classes, cfg.classes,
-                                                     cfg.mistakes) for n in MODELS}
-    titles = {"sample": "fixed, seeded test images",
-              **{f"{n}_mistakes": f"the {viz.MODEL_LABELS[n]}'s most confident mistakes" for n in MODELS}}
-    for set_name, picked in sets.items():
-        if not len(picked):
-            continue  # a model without a single mistake
+    def where_models_look(picked: np.ndarray, title: str, path: Path) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+        """Figure: image | ViT rollout | CNN Grad-CAM; returns the attention maps, rollout and CAM it drew."""
         with torch.no_grad():
             _, attention = vit.forward_with_attention(inputs(vit_config, picked))  # per layer (B, heads, N, N)
         rollout = explain.cls_rollout(attention, vit.grid_size)  # (B, grid, grid)
         cam = explain.gradcam(cnn, inputs(cnn_config, picked), torch.from_numpy(predicted["cnn"][picked]))
         viz.overlay_grid(test.images[picked].numpy(), {"ViT rollout": rollout, "CNN Grad-CAM": cam},
-                         f"Where each model looks: {titles[set_name]}", row_labels(picked),
-                         "relevance (scaled per map)", OUT / f"compare_{set_name}.png", cfg.dpi,
+                         f"Where each model looks: {title}", row_labels(picked), "relevance (scaled per map)",
+                         path, cfg.dpi,
                          captions={"ViT rollout": captions("vit", picked), "CNN Grad-CAM": captions("cnn", picked)})
-        if set_name == "sample":
-            sample, sample_rollout, sample_cam = picked, rollout, cam
-            heads = explain.cls_attention(attention, vit.grid_size)  # (B, layers, heads, grid, grid)
+        return attention, rollout, cam
+
+    sample = viz.pick_images(actual, classes, cfg.classes, cfg.num_images, params.seed)
+    attention, sample_rollout, sample_cam = where_models_look(sample, "fixed, seeded test images",
+                                                              OUT / "compare_sample.png")
+    heads = explain.cls_attention(attention, vit.grid_size)  # (B, layers, heads, grid, grid)
+    mistakes = {n: viz.confident_mistakes(actual, predicted[n], confidence[n], classes, cfg.classes, cfg.mistakes)
+                for n in MODELS}
+    for name, picked in mistakes.items():
+        if len(picked):  # a model may make no mistake at all
+            where_models_look(picked, f"the {viz.MODEL_LABELS[name]}'s most confident mistakes",
+                              OUT / f"compare_{name}_mistakes.png")
 
     # Each model on its own, on the seeded images: the ViT per layer and head, the CNN per block.
     images = test.images[sample].numpy()
@@ -114,7 +117,6 @@ def main() -> None:
         block_maps = cnn.feature_maps(inputs(cnn_config, sample))
     viz.feature_grid(images, row_labels(sample), block_maps, cfg.feature_channels, sample_cam,
                      captions("cnn", sample), OUT / "cnn_features.png", cfg.dpi)
-    mistakes = {n: sets[f"{n}_mistakes"] for n in MODELS}
     viz.mistakes_grid({n: test.images[m].numpy() for n, m in mistakes.items()},
                       {n: [f"test #{i}\ntrue: {classes[actual[i]]}\n"
                            f"pred: {classes[predicted[n][i]]} {100 * confidence[n][i]:.0f}%" for i in m]
