@@ -211,7 +211,7 @@ def _find(files: dict[str, bytes], basename: str, where: str) -> tuple[str, byte
     matches = [n for n in files if PurePosixPath(n).name == basename]
     if len(matches) != 1:
         raise DataError(f"{where}: expected one '{basename}' file of the official CIFAR layout, found {len(matches)}")
-    return matches[0], files[matches[0]]
+    return f"{where}: {matches[0]}", files[matches[0]]  # (name for messages, bytes)
 
 
 def _batch_arrays(files: dict[str, bytes], basename: str, label_key: str, where: str) -> tuple[np.ndarray, np.ndarray]:
