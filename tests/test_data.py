@@ -111,9 +111,10 @@ def test_augmentation_without_shuffle_keeps_the_order():
     assert 0 < sum(mirrored) < len(split)
 
 
-def test_augmentation_needs_a_seeded_generator():
+@pytest.mark.parametrize("randomness", [{"shuffle": True}, {"crop_padding": 4}, {"flip": True}])
+def test_random_order_or_augmentation_needs_a_seeded_generator(randomness):
     with pytest.raises(ValueError, match="seeded generator"):
-        BatchLoader(make_split(4), 2, CPU, *IDENTITY, crop_padding=4)
+        BatchLoader(make_split(4), 2, CPU, *IDENTITY, **randomness)
 
 
 def test_same_seed_gives_identical_batches_and_another_seed_does_not():
@@ -126,11 +127,6 @@ def test_same_seed_gives_identical_batches_and_another_seed_does_not():
     a, b, c = epoch(0), epoch(0), epoch(1)
     assert all(torch.equal(xa, xb) and torch.equal(ya, yb) for (xa, ya), (xb, yb) in zip(a, b))
     assert not all(torch.equal(ya, yc) for (_, ya), (_, yc) in zip(a, c))
-
-
-def test_shuffling_requires_a_generator():
-    with pytest.raises(ValueError):
-        BatchLoader(make_split(4), 2, CPU, *IDENTITY, shuffle=True)
 
 
 @pytest.mark.parametrize("sizes", [[10] * 10, [7, 5, 3], [1, 1, 50], [4, 9, 2, 6]])
