@@ -117,21 +117,33 @@ def test_saved_model_reproduces_the_same_logits(name, tmp_path):
         assert not torch.allclose(fresh(x), expected)  # the comparison above is not vacuous
 
 
-# --- the CPU dropout both models' training uses -------------------------------------------
+# --- the CPU dropout the ViT's training uses ----------------------------------------------
 
 
+@pytest.fixture(params=["fused", "pytorch-ops"])
+def dropout_path(request, monkeypatch):
+    """Each statistical test runs through the fused kernel and through its PyTorch-ops fallback."""
+    from vitcnn.models import native
+
+    monkeypatch.setenv("VITCNN_NATIVE_KERNELS", "1" if request.param == "fused" else "0")
+    native.cpu_kernels.cache_clear()
+    yield request.param
+    native.cpu_kernels.cache_clear()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
-def test_dropout_drops_a_fraction_p_and_rescales_the_rest(p):
+def test_dropout_drops_a_fraction_p_and_rescales_the_rest(dropout_path, p, dtype):
     from vitcnn.models.layers import Dropout
 
     torch.manual_seed(0)
     n = 400_000
-    x = torch.ones(n, requires_grad=True)
+    x = torch.ones(n, dtype=dtype, requires_grad=True)
     y = Dropout(p).train()(x)
     kept = y != 0
     assert abs(1 - kept.float().mean().item() - p) < 0.005
-    assert torch.allclose(y[kept], torch.full_like(y[kept], 1 / (1 - p)))
-    assert abs(y.mean().item() - 1) < 0.02  # unbiased: the expectation is the input
+    assert torch.equal(y[kept], torch.full_like(y[kept], 1 / (1 - p)))
+    assert abs(y.float().mean().item() - 1) < 0.02  # unbiased: the expectation is the input
     # Each of the four 16-bit slices drawn from one 64-bit word is uniform on its own,
     # and neighbouring positions are independent.
     for offset in range(4):
@@ -143,7 +155,7 @@ def test_dropout_drops_a_fraction_p_and_rescales_the_rest(p):
     assert torch.equal(x.grad, y.detach())
 
 
-def test_dropout_is_the_identity_in_eval_mode_or_at_p_zero():
+def test_dropout_is_the_identity_in_eval_mode_or_at_p_zero(dropout_path):
     from vitcnn.models.layers import Dropout
 
     x = torch.randn(1000)
@@ -151,7 +163,7 @@ def test_dropout_is_the_identity_in_eval_mode_or_at_p_zero():
     assert torch.equal(Dropout(0.0).train()(x), x)
 
 
-def test_dropout_masks_are_seeded_and_fresh_each_call():
+def test_dropout_masks_are_seeded_and_fresh_each_call(dropout_path):
     from vitcnn.models.layers import Dropout
 
     drop = Dropout(0.5).train()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import os
 import random
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -13,6 +12,7 @@ import torch.nn as nn
 
 from vitcnn.data import BatchLoader
 from vitcnn.errors import UserError
+from vitcnn.models.native import cpu_flags
 
 
 
@@ -33,11 +33,7 @@ def resolve_device(name: str) -> torch.device:
 
 def cpu_has_native_bf16() -> bool:
     """True when the CPU computes bf16 in hardware (AVX512-BF16 or AMX), where bf16 pays off."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    return not {"avx512_bf16", "amx_bf16"}.isdisjoint(cpu_flags())
 
 
 def resolve_precision(name: str, device: torch.device) -> torch.dtype:

@@ -1,0 +1,79 @@
+"""The fused CPU kernels of cpu_kernels.cpp, compiled on first use and cached.
+
+torch.utils.cpp_extension builds the source once per machine (about 15 s; the build is
+kept in PyTorch's extension cache, ~/.cache/torch_extensions, keyed by the source and
+flags) with the vector instructions this CPU has. Without a C++ compiler, or if the
+build fails, training says so in one line and uses the same computation written in
+PyTorch ops: same masks, same results, slower.
+
+Set VITCNN_NATIVE_KERNELS=0 to use the PyTorch ops without trying to build.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
+_AVX512 = ("avx512f", "avx512bw", "avx512dq", "avx512vl")
+
+
+def cpu_flags() -> frozenset[str]:
+    """The instruction-set flags of this CPU (empty where /proc/cpuinfo does not exist)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return frozenset(line.partition(":")[2].split())
+    return frozenset()
+
+
+def build_flags(flags: frozenset[str]) -> list[str]:
+    """Compiler flags for the instructions the kernels use that this CPU has (none: portable C++)."""
+    if not all(f in flags for f in _AVX512):
+        return []
+    return [f"-m{f}" for f in _AVX512] + (["-mavx512bf16"] if "avx512_bf16" in flags else [])
+
+
+@functools.cache
+def cpu_kernels() -> bool:
+    """Build (or load from the cache) the kernels and register torch.ops.vitcnn; False if unavailable."""
+    if os.environ.get("VITCNN_NATIVE_KERNELS", "1") == "0":
+        return False
+    isa = build_flags(cpu_flags())
+    cpp_log = logging.getLogger("torch.utils.cpp_extension")
+    level = cpp_log.level
+    cpp_log.setLevel(logging.ERROR)  # it warns at import that this machine has no CUDA toolkit; irrelevant here
+    _put_ninja_on_path()
+    try:
+        # One name per source and instruction set: a build is never reused for other code, and
+        # PyTorch never loads a second library registering the same ops into this process.
+        digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(isa).encode()).hexdigest()[:12]
+        name = f"vitcnn_cpu_kernels_{'avx512' if isa else 'portable'}_{digest}"
+        from torch.utils import cpp_extension
+
+        cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=["-O3", *isa], is_python_module=False)
+    except Exception as exc:  # no compiler, no ninja, a failed build: all mean "use the PyTorch ops"
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        log.warning("fused CPU kernels unavailable (%s); using PyTorch ops: same results, slower", reason)
+        return False
+    finally:
+        cpp_log.setLevel(level)
+    return True
+
+
+def _put_ninja_on_path() -> None:
+    """PyTorch runs `ninja` from PATH; the pip-installed one is found even when the venv is not activated."""
+    try:
+        import ninja
+    except ImportError:
+        return
+    if ninja.BIN_DIR not in os.environ.get("PATH", "").split(os.pathsep):
+        os.environ["PATH"] = os.pathsep.join([ninja.BIN_DIR, os.environ.get("PATH", "")])
