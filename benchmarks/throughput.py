@@ -4,9 +4,11 @@
 
 Measures training images/s (loader + forward + backward + optimizer step) at the
 default params (the seed's models, batch 128) on the current device: warm-up steps,
-then the median of R timed windows of N steps each. With --baseline the naive way is
-measured in the same run, window by window alternating with the engine so that both
-see the same machine load: the seed program's own model classes (loaded from
+then the median of R timed windows of N steps each. The engine runs set up as the
+training stage runs (`keep_freed_memory`). With --baseline the naive way is measured in
+the same run, window by window alternating with the engine so that both see the same
+machine load, in a process of its own (so it keeps PyTorch's and the C library's
+defaults, as a hand-written script would): the seed program's own model classes (loaded from
 ../shared/reference/seed_vit_vs_cnn.py when present; otherwise this project's models
 with manual attention and PyTorch's dropout), a torchvision-style Dataset with PIL
 transforms through a DataLoader with 2 workers, fp32, eager, and a `.item()` per step
@@ -21,6 +23,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import multiprocessing as mp
 import resource
 import statistics
 import sys
@@ -37,7 +40,7 @@ from torchvision import transforms
 from vitcnn.config import Params, TrainConfig
 from vitcnn.data import FIXED_MEAN, FIXED_STD, BatchLoader, Split
 from vitcnn.models import build_model, model_kwargs
-from vitcnn.runtime import maybe_compile, resolve_device, resolve_precision
+from vitcnn.runtime import keep_freed_memory, maybe_compile, resolve_device, resolve_precision
 from vitcnn.train import make_optimizer, train_step
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -157,17 +160,57 @@ class Naive:
         return images
 
 
-def measure(runners: dict, steps: int, repeats: int, warmup: int) -> dict[str, list[float]]:
-    for runner in runners.values():
-        runner.run(warmup)
-    rates: dict[str, list[float]] = {k: [] for k in runners}
-    for _ in range(repeats):
-        for key, runner in runners.items():  # alternate: each window sees the same machine load
-            _sync(runner.device)
-            t0 = time.perf_counter()
-            images = runner.run(steps)
-            _sync(runner.device)
-            rates[key].append(images / (time.perf_counter() - t0))
+def timed_window(runner, steps: int) -> float:
+    """Images/s of `steps` training steps, the device's queued work included."""
+    _sync(runner.device)
+    t0 = time.perf_counter()
+    images = runner.run(steps)
+    _sync(runner.device)
+    return images / (time.perf_counter() - t0)
+
+
+def serve_baseline(conn, name: str, device: str, batch_size: int) -> None:
+    """The baseline's own process: runs what the parent asks for, replies with images/s."""
+    split, _ = load_images()
+    runner = Naive(name, split, torch.device(device), batch_size)
+    conn.send(runner.source)
+    while (steps := conn.recv()) is not None:
+        conn.send(timed_window(runner, steps))
+    conn.send(peak_memory_mb(torch.device(device)))
+
+
+class BaselineProcess:
+    """Naive, in a spawned process, driven window by window from here."""
+
+    def __init__(self, name: str, device: torch.device, batch_size: int):
+        self.conn, child = mp.get_context("spawn").Pipe()
+        # not a daemon: the baseline's DataLoader starts worker processes of its own
+        self.process = mp.get_context("spawn").Process(target=serve_baseline, args=(child, name, str(device), batch_size))
+        self.process.start()
+        self.source = self.conn.recv()
+
+    def window(self, steps: int) -> float:
+        self.conn.send(steps)
+        return self.conn.recv()
+
+    def close(self) -> float:
+        """Stop it; returns its peak memory in MiB."""
+        self.conn.send(None)
+        peak = self.conn.recv()
+        self.process.join()
+        return peak
+
+
+def measure(engine: Engine, baseline: BaselineProcess | None, steps: int, repeats: int,
+            warmup: int) -> dict[str, list[float]]:
+    engine.run(warmup)
+    if baseline:
+        baseline.window(warmup)
+    rates: dict[str, list[float]] = {"engine": [], "baseline": []}
+    for _ in range(repeats):  # alternate: each window sees the same machine load
+        rates["engine"].append(timed_window(engine, steps))
+        if baseline:
+            rates["baseline"].append(baseline.window(steps))
     return rates
 
 
@@ -191,18 +234,18 @@ def main() -> None:
     args = parser.parse_args()
 
     device = resolve_device(args.device)
+    keep_freed_memory()  # as the training stage does
     cfg = TrainConfig(precision=args.precision, compile=args.compile)
     split, data = load_images()
     for name in (["vit", "cnn"] if args.model == "all" else [args.model]):
-        runners = {"engine": Engine(name, split, device, cfg)}
-        if args.baseline:
-            runners["baseline"] = Naive(name, split, device, cfg.batch_size)
-        rates = measure(runners, args.steps, args.repeats, args.warmup)
+        engine = Engine(name, split, device, cfg)
+        baseline = BaselineProcess(name, device, cfg.batch_size) if args.baseline else None
+        rates = measure(engine, baseline, args.steps, args.repeats, args.warmup)
         result = {
             "model": name,
             "device": str(device),
             "cpu_threads": torch.get_num_threads(),
-            "precision": str(runners["engine"].dtype).removeprefix("torch."),
+            "precision": str(engine.dtype).removeprefix("torch."),
             "batch_size": cfg.batch_size,
             "data": data,
             "steps_per_window": args.steps,
@@ -210,15 +253,16 @@ def main() -> None:
             "train_images_per_s": round(statistics.median(rates["engine"]), 1),
             "train_images_per_s_windows": [round(r, 1) for r in rates["engine"]],
         }
-        if args.baseline:
+        result["peak_memory_mb"] = round(peak_memory_mb(device), 1)
+        if baseline:
             base = statistics.median(rates["baseline"])
             result.update({
-                "baseline": runners["baseline"].source,
+                "baseline": baseline.source,
                 "baseline_images_per_s": round(base, 1),
                 "baseline_images_per_s_windows": [round(r, 1) for r in rates["baseline"]],
                 "speedup": round(result["train_images_per_s"] / base, 2),
+                "baseline_peak_memory_mb": round(baseline.close(), 1),
             })
-        result["peak_memory_mb"] = round(peak_memory_mb(device), 1)
         if args.json:
             print(json.dumps(result), flush=True)
         else:

@@ -23,7 +23,7 @@ import torch
 from vitcnn.config import load_params
 from vitcnn.data import load_meta, load_split, normalization
 from vitcnn.models import build_model, model_kwargs
-from vitcnn.runtime import resolve_device, seed_everything
+from vitcnn.runtime import keep_freed_memory, resolve_device, seed_everything
 from vitcnn.train import fit
 
 PREPARED = Path("data/prepared")
@@ -45,6 +45,7 @@ def main() -> None:
     overrides = {k: v for k, v in {"epochs": args.epochs, "precision": args.precision}.items() if v is not None}
     cfg = dataclasses.replace(params.train, **overrides)
     device = resolve_device(params.device)
+    keep_freed_memory()
     meta = load_meta(PREPARED)
     train, val = load_split(PREPARED, "train"), load_split(PREPARED, "val")
     mean, std = normalization(meta, cfg.normalization)

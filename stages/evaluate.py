@@ -16,7 +16,7 @@ from vitcnn.data import BatchLoader, load_meta, load_split
 from vitcnn.evaluate import evaluate_model, flops_per_image, inference_speed
 from vitcnn.io import read_json, write_csv, write_json
 from vitcnn.models import MODELS, count_params, load_model
-from vitcnn.runtime import resolve_device, resolve_precision
+from vitcnn.runtime import keep_freed_memory, resolve_device, resolve_precision
 
 PREPARED = Path("data/prepared")
 
@@ -25,6 +25,7 @@ def main() -> None:
     params = load_params()
     cfg = params.evaluate
     device = resolve_device(params.device)
+    keep_freed_memory()
     dtype = resolve_precision(cfg.precision, device)
     classes = load_meta(PREPARED)["classes"]
     test = load_split(PREPARED, "test")

@@ -17,7 +17,7 @@ from vitcnn.data import load_meta, load_split, normalization
 from vitcnn.errors import UserError
 from vitcnn.io import write_csv, write_json
 from vitcnn.models import MODELS, build_model, count_params, model_kwargs, save_model
-from vitcnn.runtime import resolve_device, seed_everything, use_deterministic
+from vitcnn.runtime import keep_freed_memory, resolve_device, seed_everything, use_deterministic
 from vitcnn.train import fit
 
 PREPARED = Path("data/prepared")
@@ -29,6 +29,7 @@ def main() -> None:
     name = sys.argv[1]
     params = load_params()
     device = resolve_device(params.device)
+    keep_freed_memory()
     meta = load_meta(PREPARED)
     train, val = load_split(PREPARED, "train"), load_split(PREPARED, "val")
     mean, std = normalization(meta, params.train.normalization)

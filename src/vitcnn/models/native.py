@@ -55,11 +55,13 @@ def cpu_kernels() -> bool:
     try:
         # One name per source and instruction set: a build is never reused for other code, and
         # PyTorch never loads a second library registering the same ops into this process.
-        digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(isa).encode()).hexdigest()[:12]
+        cflags = ["-O3", "-fopenmp", *isa]  # OpenMP: at::parallel_for shares PyTorch's threads
+        digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(cflags).encode()).hexdigest()[:12]
         name = f"vitcnn_cpu_kernels_{'avx512' if isa else 'portable'}_{digest}"
         from torch.utils import cpp_extension
 
-        cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=["-O3", *isa], is_python_module=False)
+        cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=cflags, extra_ldflags=["-fopenmp"],
+                           is_python_module=False)
     except Exception as exc:  # no compiler, no ninja, a failed build: all mean "use the PyTorch ops"
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         log.warning("fused CPU kernels unavailable (%s); using PyTorch ops: same results, slower", reason)
