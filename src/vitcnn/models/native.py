@@ -63,7 +63,7 @@ def cpu_kernels() -> bool:
         cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=cflags, extra_ldflags=["-fopenmp"],
                            is_python_module=False)
     except Exception as exc:  # no compiler, no ninja, a failed build: all mean "use the PyTorch ops"
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0].split(": [")[0]  # not the command line
         log.warning("fused CPU kernels unavailable (%s); using PyTorch ops: same results, slower", reason)
         return False
     finally:
