@@ -107,11 +107,11 @@ class Engine:
         self.model = build_model(name, 10, **model_kwargs(name, Params())).to(device, memory_format=torch.channels_last)
         self.model.train()
         self.optimizer = make_optimizer(self.model, cfg)
-        self.step_model = maybe_compile(self.model, cfg.compile, device)
         self.dtype = resolve_precision(cfg.precision, device)
         gen = torch.Generator(device=device).manual_seed(0)
         self.loader = BatchLoader(split, cfg.batch_size, device, list(FIXED_MEAN), list(FIXED_STD), shuffle=True,
                                   crop_padding=cfg.crop_padding, flip=cfg.flip, generator=gen)
+        self.step_model = maybe_compile(self.model, cfg.compile, device, self.loader.example(), self.dtype)
         self.device, self.batches = device, iter(())
 
     def run(self, steps: int) -> int:

@@ -128,6 +128,33 @@ def test_a_non_finite_loss_fails_the_stage_without_metrics(tmp_path, project):
     assert not (scratch / "metrics").exists() and not (scratch / "models").exists()
 
 
+def test_a_failed_compilation_warns_in_one_line_and_trains_eagerly(tmp_path, project):
+    """What a GPU machine without a working compiler toolchain sees, simulated on the CPU."""
+    weights = {}
+    for mode in ("on", "off"):
+        scratch = tmp_path / mode
+        scratch.mkdir()
+        os.symlink(project / "data", scratch / "data")
+        write_params(scratch, train={"epochs": 2, "batch_size": 16, "compile": mode}, cnn={"channels": [8, 16]})
+        env = {**os.environ, "CXX": str(tmp_path / "no-such-compiler"),  # the compiler torch.compile's CPU code needs
+               "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor-cache")}  # no earlier build to fall back on
+        result = subprocess.run(stage(scratch, "train.py", "cnn"), cwd=scratch, env=env, capture_output=True,
+                                text=True, timeout=300)
+        assert result.returncode == 0, result.stderr
+        assert "Traceback" not in result.stderr
+        warnings = [line for line in result.stderr.replace("\r", "\n").splitlines() if "compile" in line]
+        if mode == "on":
+            assert len(warnings) == 1, result.stderr
+            assert warnings[0].startswith("train_cnn: torch.compile failed (")
+            assert warnings[0].endswith("); training without compilation")
+        else:
+            assert warnings == []
+        weights[mode] = load_file(str(scratch / "models/cnn/model.safetensors"))
+    assert weights["on"].keys() == weights["off"].keys()
+    for key, tensor in weights["off"].items():
+        assert weights["on"][key].equal(tensor), key  # the failed trial step left no trace
+
+
 def test_a_corrupt_source_fails_prepare_and_keeps_the_prepared_data(tmp_path, project):
     before = {p.name: p.read_bytes() for p in (project / "data/prepared").iterdir()}
     broken = tmp_path / "broken.tar.gz"

@@ -12,7 +12,7 @@ from conftest import random_images
 from vitcnn.config import TrainConfig
 from vitcnn.data import FIXED_MEAN, FIXED_STD, BatchLoader, Split
 from vitcnn.models import build_model
-from vitcnn.runtime import predict
+from vitcnn.runtime import maybe_compile, predict
 from vitcnn.train import TrainingError, fit
 
 CPU = torch.device("cpu")
@@ -88,6 +88,51 @@ def test_non_finite_loss_stops_training_with_a_user_error():
     with pytest.raises(TrainingError, match="not finite"):
         # A zero std turns every input into inf/nan: the loss cannot be finite.
         fit(model, TRAIN, VAL, config(epochs=1), MEAN, [0.0, 0.0, 0.0], CPU, 0, name="cnn")
+
+
+# --- torch.compile (the default on CUDA), exercised on the CPU ----------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["vit", "cnn"])
+def test_compiled_training_computes_what_eager_training_does(name):
+    # Without dropout: compiled code draws its dropout masks differently, by design.
+    kwargs = {**TINY[name], "dropout": 0.0} if name == "vit" else TINY[name]
+    runs, logits = {}, {}
+    for mode in ("off", "on"):
+        torch.manual_seed(0)
+        model = build_model(name, 10, **kwargs)
+        runs[mode] = fit(model, TRAIN, VAL, config(epochs=2, compile=mode), MEAN, STD, CPU, 0, name=name)
+        model.load_state_dict(runs[mode].state)
+        logits[mode] = predict(model, BatchLoader(VAL, 10, CPU, MEAN, STD), torch.float32)
+    for key in ("train_loss", "val_loss"):
+        assert [r[key] for r in runs["on"].history] == pytest.approx([r[key] for r in runs["off"].history], rel=1e-4)
+    # The trained models agree on what they predict. Weights are not compared one by one: a
+    # parameter whose exact gradient is zero (a bias before batch norm, the keys' bias) moves by
+    # AdamW-normalised rounding noise, which differs between compiled and eager code; through
+    # batch norm's running statistics that reaches the CNN's eval-mode logits at ~1e-3.
+    torch.testing.assert_close(logits["on"], logits["off"], rtol=0, atol=1e-2)
+
+
+@pytest.mark.slow
+def test_compiling_leaves_weights_buffers_gradients_and_random_state_untouched():
+    torch.manual_seed(0)
+    model = build_model("cnn", 10, **TINY["cnn"])
+    loader = BatchLoader(TRAIN, 16, CPU, MEAN, STD)
+    before = {k: v.clone() for k, v in model.state_dict().items()}  # weights and batch norm statistics
+    rng = torch.get_rng_state()
+    compiled = maybe_compile(model, "on", CPU, loader.example(), torch.float32)
+    assert compiled is not model, "the trial step compiled nothing"
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_compile_is_off_on_cpu_unless_asked_for():
+    model = build_model("cnn", 10, **TINY["cnn"])
+    example = BatchLoader(TRAIN, 16, CPU, MEAN, STD).example()
+    assert maybe_compile(model, "auto", CPU, example, torch.float32) is model
+    assert maybe_compile(model, "off", CPU, example, torch.float32) is model
 
 
 # --- resume checkpoints --------------------------------------------------------------------

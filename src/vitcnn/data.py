@@ -140,6 +140,11 @@ class BatchLoader:
     def __len__(self) -> int:
         return -(-len(self.labels) // self.batch_size)
 
+    def example(self) -> torch.Tensor:
+        """Zeros shaped and laid out as the first batch, for a trial step (compilation)."""
+        b = min(self.batch_size, len(self.labels))
+        return torch.zeros(b, self.size, self.size, self.images.shape[-1], device=self.device).permute(0, 3, 1, 2)
+
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         n = len(self.labels)
         if self.shuffle:

@@ -11,3 +11,9 @@ class ConfigError(UserError):
 
 class DataError(UserError):
     """A dataset source that is missing, corrupt, unsafe or of an unknown layout."""
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception's message as one line: its first non-blank line, or its type's name."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__

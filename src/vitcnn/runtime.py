@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import logging
 import os
 import random
 import sys
@@ -13,9 +14,10 @@ import torch
 import torch.nn as nn
 
 from vitcnn.data import BatchLoader
-from vitcnn.errors import UserError
-from vitcnn.models.native import cpu_flags
+from vitcnn.errors import UserError, first_line
+from vitcnn.models.native import cpu_flags, quiet_cpp_extension
 
+log = logging.getLogger(__name__)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -59,19 +61,55 @@ def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractCon
     return torch.autocast(device.type, dtype=dtype)
 
 
-def maybe_compile(model: nn.Module, mode: str, device: torch.device) -> nn.Module:
+def maybe_compile(model: nn.Module, mode: str, device: torch.device, example: torch.Tensor,
+                  dtype: torch.dtype) -> nn.Module:
     """torch.compile on CUDA by default ("auto"), on CPU only when asked ("on").
 
     On CPU compilation measured no faster here and costs a minute or more per run, so
-    `auto` keeps CPU runs eager. Compilation happens at the first call; if it fails
-    there, dynamo's `suppress_errors` runs that code eagerly with a warning instead.
+    `auto` keeps CPU runs eager. torch.compile only compiles at the first call, and the
+    backward pass later still, so a missing toolchain would otherwise surface as a
+    crash in the middle of the first step. One trial training step on `example` (a
+    batch of the training shape) compiles both passes here instead; if that fails, a
+    one-line warning says why and the model trains eagerly. The trial changes nothing:
+    random states, weights, buffers and gradients are as they were before it.
     """
     if mode == "off" or (mode == "auto" and device.type != "cuda"):
         return model
     import torch._dynamo
 
+    with quiet_cpp_extension():
+        import torch.utils.cpp_extension  # noqa: F401  (inductor imports it when it builds CPU code)
+    compiled = torch.compile(model)
+    try:
+        with torch._dynamo.config.patch(suppress_errors=False):  # the trial must see a failure, not skip it
+            _trial_step(compiled, model, example, dtype)
+    except torch.OutOfMemoryError:
+        raise  # the batch does not fit: the caller's message says what to try
+    except Exception as exc:  # any failure to compile means "train eagerly"
+        torch._dynamo.reset()
+        log.warning("torch.compile failed (%s); training without compilation", first_line(exc))
+        return model
+    # A later recompilation (eval mode, a smaller last batch) that fails runs eagerly instead.
     torch._dynamo.config.suppress_errors = True
-    return torch.compile(model)
+    return compiled
+
+
+def _trial_step(compiled: nn.Module, model: nn.Module, example: torch.Tensor, dtype: torch.dtype) -> None:
+    """Forward and backward through `compiled` on `example`, leaving no trace on `model`, even if it fails."""
+    buffers = {name: b.clone() for name, b in model.named_buffers()}  # batch norm's running statistics
+    labels = torch.zeros(len(example), dtype=torch.long, device=example.device)
+    try:
+        device = example.device
+        with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device], device_type=device.type):
+            model.train()
+            with autocast(device, dtype):
+                logits = compiled(example)
+            nn.functional.cross_entropy(logits.float(), labels).backward()
+    finally:
+        with torch.no_grad():
+            for name, b in model.named_buffers():
+                b.copy_(buffers[name])
+        model.zero_grad(set_to_none=True)
 
 
 def keep_freed_memory() -> None:

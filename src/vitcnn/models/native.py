@@ -11,11 +11,15 @@ Set VITCNN_NATIVE_KERNELS=0 to use the PyTorch ops without trying to build.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
+
+from vitcnn.errors import first_line
 
 log = logging.getLogger(__name__)
 
@@ -48,9 +52,6 @@ def cpu_kernels() -> bool:
     if os.environ.get("VITCNN_NATIVE_KERNELS", "1") == "0":
         return False
     isa = build_flags(cpu_flags())
-    cpp_log = logging.getLogger("torch.utils.cpp_extension")
-    level = cpp_log.level
-    cpp_log.setLevel(logging.ERROR)  # it warns at import that this machine has no CUDA toolkit; irrelevant here
     _put_ninja_on_path()
     try:
         # One name per source and instruction set: a build is never reused for other code, and
@@ -58,17 +59,29 @@ def cpu_kernels() -> bool:
         cflags = ["-O3", "-fopenmp", *isa]  # OpenMP: at::parallel_for shares PyTorch's threads
         digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(cflags).encode()).hexdigest()[:12]
         name = f"vitcnn_cpu_kernels_{'avx512' if isa else 'portable'}_{digest}"
-        from torch.utils import cpp_extension
+        with quiet_cpp_extension():
+            from torch.utils import cpp_extension
 
-        cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=cflags, extra_ldflags=["-fopenmp"],
-                           is_python_module=False)
+            cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=cflags, extra_ldflags=["-fopenmp"],
+                               is_python_module=False)
     except Exception as exc:  # no compiler, no ninja, a failed build: all mean "use the PyTorch ops"
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0].split(": [")[0]  # not the command line
+        reason = first_line(exc).split(": [")[0]  # not the compiler's command line
         log.warning("fused CPU kernels unavailable (%s); using PyTorch ops: same results, slower", reason)
         return False
+    return True
+
+
+@contextlib.contextmanager
+def quiet_cpp_extension() -> Iterator[None]:
+    """Silence torch.utils.cpp_extension's warning at import when a CUDA toolkit is installed but no
+    GPU is present: it says nothing about building CPU code (these kernels, or torch.compile's)."""
+    cpp_log = logging.getLogger("torch.utils.cpp_extension")
+    level = cpp_log.level
+    cpp_log.setLevel(logging.ERROR)
+    try:
+        yield
     finally:
         cpp_log.setLevel(level)
-    return True
 
 
 def _put_ninja_on_path() -> None:
