@@ -40,7 +40,7 @@ from torchvision import transforms
 from vitcnn.config import Params, TrainConfig
 from vitcnn.data import FIXED_MEAN, FIXED_STD, BatchLoader, Split
 from vitcnn.models import build_model, model_kwargs
-from vitcnn.runtime import keep_freed_memory, maybe_compile, resolve_device, resolve_precision
+from vitcnn.runtime import keep_freed_memory, maybe_compile, resolve_device, resolve_precision, use_deterministic
 from vitcnn.train import make_optimizer, train_step
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -234,8 +234,9 @@ def main() -> None:
     args = parser.parse_args()
 
     device = resolve_device(args.device)
-    keep_freed_memory()  # as the training stage does
     cfg = TrainConfig(precision=args.precision, compile=args.compile)
+    keep_freed_memory()  # as the training stage does
+    use_deterministic(cfg.deterministic)
     split, data = load_images()
     for name in (["vit", "cnn"] if args.model == "all" else [args.model]):
         engine = Engine(name, split, device, cfg)

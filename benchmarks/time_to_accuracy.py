@@ -23,7 +23,7 @@ import torch
 from vitcnn.config import load_params
 from vitcnn.data import load_meta, load_split, normalization
 from vitcnn.models import build_model, model_kwargs
-from vitcnn.runtime import keep_freed_memory, resolve_device, seed_everything
+from vitcnn.runtime import keep_freed_memory, resolve_device, seed_everything, use_deterministic
 from vitcnn.train import fit
 
 PREPARED = Path("data/prepared")
@@ -49,6 +49,7 @@ def main() -> None:
     meta = load_meta(PREPARED)
     train, val = load_split(PREPARED, "train"), load_split(PREPARED, "val")
     mean, std = normalization(meta, cfg.normalization)
+    use_deterministic(cfg.deterministic)
     seed_everything(params.seed)
     model = build_model(args.model, len(meta["classes"]), **model_kwargs(args.model, params))
 

@@ -96,10 +96,10 @@ def maybe_compile(model: nn.Module, mode: str, device: torch.device, example: to
 
 def _trial_step(compiled: nn.Module, model: nn.Module, example: torch.Tensor, dtype: torch.dtype) -> None:
     """Forward and backward through `compiled` on `example`, leaving no trace on `model`, even if it fails."""
+    device = example.device
     buffers = {name: b.clone() for name, b in model.named_buffers()}  # batch norm's running statistics
-    labels = torch.zeros(len(example), dtype=torch.long, device=example.device)
+    labels = torch.zeros(len(example), dtype=torch.long, device=device)
     try:
-        device = example.device
         with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device], device_type=device.type):
             model.train()
             with autocast(device, dtype):
@@ -134,12 +134,16 @@ def keep_freed_memory() -> None:
 
 
 def use_deterministic(enabled: bool) -> None:
-    """Deterministic kernels (cuDNN, cuBLAS, scatter/index ops) for bit-identical GPU runs."""
+    """Deterministic kernels (cuDNN, cuBLAS, scatter/index ops) for bit-identical GPU runs.
+
+    Otherwise cuDNN times its convolution algorithms once per shape and keeps the fastest
+    (training uses the same few shapes throughout), which can differ from run to run.
+    """
     if enabled:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS starts
     torch.use_deterministic_algorithms(enabled)
     torch.backends.cudnn.deterministic = enabled
-    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.benchmark = not enabled
 
 
 def seed_everything(seed: int) -> None:
