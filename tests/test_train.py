@@ -115,9 +115,10 @@ def test_compiled_training_computes_what_eager_training_does(name):
 
 
 @pytest.mark.slow
-def test_compiling_leaves_weights_buffers_gradients_and_random_state_untouched():
+@pytest.mark.parametrize("name", ["vit", "cnn"])  # the ViT draws dropout masks; the CNN has batch norm
+def test_compiling_leaves_weights_buffers_gradients_and_random_state_untouched(name):
     torch.manual_seed(0)
-    model = build_model("cnn", 10, **TINY["cnn"])
+    model = build_model(name, 10, **TINY[name])
     loader = BatchLoader(TRAIN, 16, CPU, MEAN, STD)
     before = {k: v.clone() for k, v in model.state_dict().items()}  # weights and batch norm statistics
     rng = torch.get_rng_state()
