@@ -10,6 +10,10 @@ from pathlib import Path
 
 import torch
 
+# This checkout's library first: a queued experiment runs in a copy of the project, and must run
+# the code DVC hashed for it there, not the copy an editable install points to.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
 from vitcnn.checkpoint import fingerprint
 from vitcnn.cli import run_stage
 from vitcnn.config import load_params

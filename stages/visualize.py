@@ -7,10 +7,15 @@ images each model gets wrong most confidently (by evaluate's predictions and con
 
 import csv
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
+
+# This checkout's library first: a queued experiment runs in a copy of the project, and must run
+# the code DVC hashed for it there, not the copy an editable install points to.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from vitcnn import explain
 from vitcnn import visualize as viz

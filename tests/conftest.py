@@ -17,6 +17,9 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import io  # noqa: E402
 import pickle  # noqa: E402
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
 import tarfile  # noqa: E402
 import zipfile  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
@@ -24,6 +27,7 @@ from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+import yaml  # noqa: E402
 from PIL import Image  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -205,3 +209,65 @@ def official_cifar100(tmp_path_factory) -> OfficialData:
     folder = write_tree(base / "cifar-100-python", members)
     return OfficialData(folder, None, names, train_images, train_labels.astype(np.int64),
                         test_images, test_labels.astype(np.int64))
+
+
+# --- a tiny copy of the project in its own git + DVC repository -----------------------------
+
+TINY_SOURCE = "../tiny-cifar10.tar.gz"  # relative to the project, as a user's local copy may be
+
+
+def run(cmd: list[str], cwd: Path, env: dict, timeout: int = 300) -> subprocess.CompletedProcess:
+    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}"
+    return result
+
+
+def dvc(*args: str, cwd: Path, env: dict, timeout: int = 300) -> subprocess.CompletedProcess:
+    return run([sys.executable, "-m", "dvc", *args], cwd, env, timeout)
+
+
+def make_tiny_project(base: Path, pythonpath: list[Path] = (), env: dict | None = None) -> tuple[Path, dict]:
+    """base/project: dvc.yaml, params.yaml (tiny models, one epoch), stages/ and src/, committed in a
+    fresh git + DVC repo; its data, 60 + 20 generated images, is base/tiny-cifar10.tar.gz, named by a
+    relative data.source. Returns the repo and the environment to run it in: this venv's python
+    first on PATH, the copied src/ on PYTHONPATH (after `pythonpath`), no analytics."""
+    repo = base / "project"
+    repo.mkdir()
+    for name in ("dvc.yaml", "params.yaml"):
+        shutil.copy2(ROOT / name, repo / name)
+    ignore = shutil.ignore_patterns("__pycache__", "*.egg-info", "*.pyc")
+    for name in ("stages", "src"):
+        shutil.copytree(ROOT / name, repo / name, ignore=ignore)
+    (repo / ".gitignore").write_text((ROOT / ".gitignore").read_text())
+
+    members, _ = make_imagefolder_members(seed=3)
+    (repo / TINY_SOURCE).write_bytes(tar_bytes({f"{TOP_FOLDER}/{n}": d for n, d in members.items()}, "w:gz"))
+
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["data"].update(source=TINY_SOURCE, val_size=20)
+    params["train"].update(epochs=1, batch_size=16)
+    params["vit"].update(embed_dim=16, depth=1, num_heads=2)
+    params["cnn"].update(channels=[8, 16])
+    params["evaluate"].update(latency_runs=2, throughput_batches=1)
+    params["visualize"].update(num_images=2)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+    env = {
+        **os.environ,
+        **(env or {}),
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        # the copied code, not the editable install
+        "PYTHONPATH": os.pathsep.join([*map(str, pythonpath), str(repo / "src")]),
+        "DVC_NO_ANALYTICS": "1",
+        "DVC_SITE_CACHE_DIR": str(base / "dvc-site-cache"),
+        "GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@example.com",
+        "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@example.com",
+    }
+    run(["git", "init", "-q"], repo, env)
+    run(["git", "config", "user.name", "test"], repo, env)
+    run(["git", "config", "user.email", "test@example.com"], repo, env)
+    run(["git", "config", "commit.gpgsign", "false"], repo, env)
+    dvc("init", "-q", cwd=repo, env=env)
+    run(["git", "add", "-A"], repo, env)
+    run(["git", "commit", "-q", "-m", "tiny project"], repo, env)
+    return repo, env

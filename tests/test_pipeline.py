@@ -1,24 +1,20 @@
 """End to end: `dvc repro` of the real dvc.yaml on tiny data, then an experiment that changes one ViT
 param and must rerun only the ViT's training (and what depends on it).
 
-A copy of the project (dvc.yaml, params.yaml, stages/, src/) runs in a fresh git + DVC repo,
-with this venv's python first on PATH and the copied src/ first on PYTHONPATH.
+A copy of the project (dvc.yaml, params.yaml, stages/, src/) runs in a fresh git + DVC repo
+(conftest.make_tiny_project).
 """
 
 from __future__ import annotations
 
 import csv
 import json
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import ROOT, make_imagefolder_members, tar_bytes
+from conftest import dvc, make_tiny_project, run
 
 pytestmark = pytest.mark.slow
 
@@ -47,63 +43,16 @@ atexit.register(_record)
 TEST_IMAGES = 20  # 2 per class in the generated data
 
 
-def run(cmd: list[str], cwd: Path, env: dict, timeout: int = 300) -> subprocess.CompletedProcess:
-    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}"
-    return result
-
-
-def dvc(*args: str, cwd: Path, env: dict, timeout: int = 300) -> subprocess.CompletedProcess:
-    return run([sys.executable, "-m", "dvc", *args], cwd, env, timeout)
-
-
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
     """A tiny copy of the project, reproduced once with `dvc repro` and committed."""
     base = tmp_path_factory.mktemp("pipeline")
-    repo = base / "project"
-    repo.mkdir()
-    for name in ("dvc.yaml", "params.yaml"):
-        shutil.copy2(ROOT / name, repo / name)
-    ignore = shutil.ignore_patterns("__pycache__", "*.egg-info", "*.pyc")
-    for name in ("stages", "src"):
-        shutil.copytree(ROOT / name, repo / name, ignore=ignore)
-    (repo / ".gitignore").write_text((ROOT / ".gitignore").read_text())
-
-    members, _ = make_imagefolder_members(seed=3)
-    archive = base / "tiny-cifar10.tar.gz"
-    archive.write_bytes(tar_bytes({f"cifar10-jpeg/{n}": d for n, d in members.items()}, "w:gz"))
-
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["data"].update(source=str(archive), val_size=20)
-    params["train"].update(epochs=1, batch_size=16)
-    params["vit"].update(embed_dim=16, depth=1, num_heads=2)
-    params["cnn"].update(channels=[8, 16])
-    params["evaluate"].update(latency_runs=2, throughput_batches=1)
-    params["visualize"].update(num_images=2)
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-
     recorder = base / "recorder"
     recorder.mkdir()
     (recorder / "sitecustomize.py").write_text(IMPORT_RECORDER)
     import_log = base / "imports"
     import_log.mkdir()
-    env = {
-        **os.environ,
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-        # the copied code, not the editable install; and the import recorder
-        "PYTHONPATH": os.pathsep.join([str(recorder), str(repo / "src")]),
-        "VITCNN_IMPORT_LOG": str(import_log),
-        "DVC_NO_ANALYTICS": "1",
-        "DVC_SITE_CACHE_DIR": str(base / "dvc-site-cache"),
-        "GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@example.com",
-        "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@example.com",
-    }
-    run(["git", "init", "-q"], repo, env)
-    run(["git", "config", "user.name", "test"], repo, env)
-    run(["git", "config", "user.email", "test@example.com"], repo, env)
-    run(["git", "config", "commit.gpgsign", "false"], repo, env)
-    dvc("init", "-q", cwd=repo, env=env)
+    repo, env = make_tiny_project(base, pythonpath=[recorder], env={"VITCNN_IMPORT_LOG": str(import_log)})
     repro = dvc("repro", cwd=repo, env=env, timeout=600)
     run(["git", "add", "-A"], repo, env)
     run(["git", "commit", "-q", "-m", "tiny pipeline"], repo, env)

@@ -353,13 +353,29 @@ def test_prepare_holds_out_a_stratified_disjoint_val_split(imagefolder, tmp_path
     assert train.images.dtype == torch.uint8 and tuple(train.images.shape[1:]) == (32, 32, 3)
 
 
-def test_prepare_split_is_seeded(imagefolder, tmp_path):
-    _, a, _ = run_prepare(tmp_path / "a", imagefolder.folder, seed=0, val_size=20)
-    _, b, _ = run_prepare(tmp_path / "b", imagefolder.folder, seed=0, val_size=20)
-    _, c, _ = run_prepare(tmp_path / "c", imagefolder.folder, seed=1, val_size=20)
-    assert image_set(a["val"]) == image_set(b["val"])
-    assert image_set(a["val"]) != image_set(c["val"])
-    assert per_class(c["val"]) == [2] * 10
+def test_the_split_follows_data_split_seed_not_the_training_seed(imagefolder, tmp_path):
+    _, a, out_a = run_prepare(tmp_path / "a", imagefolder.folder, seed=0, val_size=20, subset=20)
+    _, b, out_b = run_prepare(tmp_path / "b", imagefolder.folder, seed=7, val_size=20, subset=20)
+    _, c, _ = run_prepare(tmp_path / "c", imagefolder.folder, seed=0, val_size=20, subset=20, split_seed=1)
+    # Another training seed: byte-identical prepared data (what lets DVC reuse it across seeds).
+    for name in ("train.safetensors", "val.safetensors", "test.safetensors", "meta.json"):
+        assert (out_a / name).read_bytes() == (out_b / name).read_bytes()
+    assert image_set(a["val"]) != image_set(c["val"]) and image_set(a["train"]) != image_set(c["train"])
+    assert per_class(c["val"]) == [2] * 10 and per_class(c["train"]) == [2] * 10
+
+
+def test_a_relative_source_is_found_from_the_project_root(imagefolder, tmp_path, monkeypatch):
+    # A queued experiment runs in a copy under .dvc/tmp/exps/; DVC_ROOT names the project.
+    project = tmp_path / "project"
+    copy = project / ".dvc" / "tmp" / "exps" / "tmp1234"
+    copy.mkdir(parents=True)
+    (tmp_path / "cifar10.tar.gz").write_bytes(imagefolder.tar_gz.read_bytes())
+    monkeypatch.chdir(copy)
+    monkeypatch.setenv("DVC_ROOT", str(project))
+    raw = read_source("../cifar10.tar.gz", "cifar10", download_dir=tmp_path / "no-downloads-here")
+    assert pairs(raw.test_images, raw.test_labels) == pairs(imagefolder.test_images, imagefolder.test_labels)
+    with pytest.raises(DataError, match=r"data.source: ../nope.tar.gz does not exist \(relative to the project: .*/nope"):
+        read_source("../nope.tar.gz", "cifar10", download_dir=tmp_path / "no-downloads-here")
 
 
 def test_prepare_subset_is_stratified_and_taken_from_train_only(imagefolder, tmp_path):

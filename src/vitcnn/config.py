@@ -29,6 +29,7 @@ class DataConfig:
     source: str = "download"  # "download" or a path to an archive / folder
     val_size: int = 5000  # held out of the training images, stratified
     subset: int = 0  # 0 = every remaining training image; else a stratified subset
+    split_seed: int = 0  # seeds the validation split and the subset (not `seed`: runs of many seeds share one split)
 
 
 @dataclass(frozen=True)
@@ -113,6 +114,24 @@ def params_dict(obj: Any) -> Any:
     return dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else obj
 
 
+def check_key(dotted: str) -> None:
+    """Raise ConfigError, as for params.yaml, unless `dotted` (e.g. 'vit.depth') names a param."""
+    cls, prefix = Params, ""
+    for part in dotted.split("."):
+        fields = {f.name: f for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else {}
+        if part not in fields:
+            if not fields:  # a part after a plain value, as in 'seed.x'
+                raise ConfigError(f"unknown key '{dotted}'; '{prefix.rstrip('.')}' has no keys below it")
+            _unknown_key(part, list(fields), prefix)
+        cls, prefix = typing.get_type_hints(cls)[part], f"{prefix}{part}."
+
+
+def _unknown_key(key: str, names: list[str], prefix: str) -> typing.NoReturn:
+    guess = difflib.get_close_matches(key, names, n=1)
+    hint = f" (did you mean '{prefix}{guess[0]}'?)" if guess else ""
+    raise ConfigError(f"unknown key '{prefix}{key}'{hint}; allowed: {', '.join(names)}")
+
+
 def _build(cls: type, raw: Any, prefix: str) -> Any:
     if raw is None:  # a section with every key commented out: its defaults
         raw = {}
@@ -122,9 +141,7 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
     names = [f.name for f in dataclasses.fields(cls)]
     for key in raw:
         if key not in names:
-            guess = difflib.get_close_matches(str(key), names, n=1)
-            hint = f" (did you mean '{prefix}{guess[0]}'?)" if guess else ""
-            raise ConfigError(f"unknown key '{prefix}{key}'{hint}; allowed: {', '.join(names)}")
+            _unknown_key(str(key), names, prefix)
     values = {}
     for name in names:
         if name not in raw:
@@ -186,6 +203,7 @@ def _check_values(p: Params) -> None:
     _require(d.source.strip() != "", "data.source", d.source, "use 'download' or a path to the data")
     _require(d.val_size >= 1, "data.val_size", d.val_size, "use an integer >= 1")
     _require(d.subset >= 0, "data.subset", d.subset, "use 0 (all training images) or a positive count")
+    _require(d.split_seed >= 0, "data.split_seed", d.split_seed, "use an integer >= 0")
     _require(t.epochs >= 1, "train.epochs", t.epochs, "use an integer >= 1")
     _require(t.batch_size >= 1, "train.batch_size", t.batch_size, "use an integer >= 1")
     _require(t.eval_batch_size >= 1, "train.eval_batch_size", t.eval_batch_size, "use an integer >= 1")

@@ -4,6 +4,8 @@
 class UserError(Exception):
     """Something in the user's params, data or environment that they can correct."""
 
+    exit_code = 1
+
 
 class ConfigError(UserError):
     """A key or value in params.yaml that is unknown, of the wrong type, or impossible."""

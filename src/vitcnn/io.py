@@ -11,6 +11,10 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+# DVC sets this for every stage command: the project's root, also when a queued experiment
+# runs in a temporary copy of the project (then it names the project the copy came from).
+DVC_ROOT = "DVC_ROOT"
+
 
 @contextlib.contextmanager
 def atomic_write(path: Path) -> Iterator[Path]:
@@ -40,6 +44,15 @@ def write_csv(path: Path, header: Sequence[str], rows: Sequence[Sequence[Any]]) 
         writer = csv.writer(f)
         writer.writerow(header)
         writer.writerows(rows)
+
+
+def project_root() -> Path:
+    """The project a stage belongs to: what DVC says (DVC_ROOT), else the working directory.
+
+    Paths in params.yaml are relative to it, and the download cache lives under it, so a
+    queued experiment (run in a copy under .dvc/tmp/) finds the same files as `dvc repro`.
+    """
+    return Path(os.environ.get(DVC_ROOT) or ".")
 
 
 def read_json(path: Path) -> Any:

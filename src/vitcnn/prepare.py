@@ -13,13 +13,17 @@ from vitcnn.sources import read_source
 
 
 def prepare(params: Params, out_dir: Path, download_dir: Path) -> dict:
-    """Read the source, hold out a seeded stratified val split, write the splits; return meta."""
+    """Read the source, hold out a stratified val split seeded by data.split_seed, write the splits; return meta.
+
+    The split depends on data.* alone, never on the training `seed`: every seed of a study
+    trains on the same split, and DVC reuses this stage's output across seeds.
+    """
     cfg = params.data
     raw = read_source(cfg.source, cfg.dataset, download_dir)
     n_train = len(raw.train_labels)
     if cfg.val_size >= n_train:
         raise DataError(f"data.val_size: {cfg.val_size} is not allowed; the source has {n_train} training images, use fewer")
-    rng = np.random.default_rng(params.seed)
+    rng = np.random.default_rng(cfg.split_seed)
     val_idx, train_idx = stratified_split(raw.train_labels, cfg.val_size, rng)
     if cfg.subset:
         if cfg.subset > len(train_idx):
@@ -40,6 +44,7 @@ def prepare(params: Params, out_dir: Path, download_dir: Path) -> dict:
         "class_counts": {name: class_counts(labels, raw.classes) for name, (_, labels) in splits.items()},
         "mean": mean,
         "std": std,
+        "split_seed": cfg.split_seed,
         "layout": raw.layout,
         "source": raw.source,
         "source_sha256": raw.sha256,

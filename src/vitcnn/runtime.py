@@ -8,10 +8,13 @@ import logging
 import os
 import random
 import sys
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn as nn
+from filelock import FileLock, Timeout
 
 from vitcnn.data import BatchLoader
 from vitcnn.errors import UserError, first_line
@@ -21,18 +24,53 @@ log = logging.getLogger(__name__)
 
 
 def resolve_device(name: str) -> torch.device:
-    """`auto` picks cuda, then mps, then cpu; an explicit device must be available."""
+    """`auto` picks cuda, then mps, then cpu; an explicit device must be available.
+
+    With several GPUs, each process takes one of its own (see `claim_gpu`), so that the
+    runs of a study started with one queue worker per GPU do not all land on GPU 0.
+    """
     available = {
         "cuda": torch.cuda.is_available(),
         "mps": torch.backends.mps.is_available(),
         "cpu": True,
     }
     if name == "auto":
-        return torch.device(next(d for d in ("cuda", "mps", "cpu") if available[d]))
-    if not available[name]:
+        name = next(d for d in ("cuda", "mps", "cpu") if available[d])
+    elif not available[name]:
         usable = ", ".join(d for d, ok in available.items() if ok)
         raise UserError(f"device: '{name}' is not available on this machine; use auto or one of {usable}")
+    if name == "cuda" and torch.cuda.device_count() > 1:
+        index = claim_gpu()
+        torch.cuda.set_device(index)  # what plain "cuda" means in this process from now on
+        return torch.device("cuda", index)
     return torch.device(name)
+
+
+GPU_LOCKS = Path(tempfile.gettempdir()) / "vitcnn-gpus"  # one lock file per GPU, machine-wide
+_held_gpu_locks: list[FileLock] = []  # held until the process exits (the OS releases them then)
+
+
+def claim_gpu(lock_dir: Path | None = None) -> int:
+    """Index of a visible GPU for this process: the first one no other vitcnn process holds.
+
+    Each GPU has a lock file named by its UUID (the same GPU under any CUDA_VISIBLE_DEVICES
+    numbering); this process takes the first free one and keeps it until it exits. When
+    every GPU is taken, it shares the one with the most free memory, and says so.
+    """
+    lock_dir = lock_dir or GPU_LOCKS
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    count = torch.cuda.device_count()
+    for index in range(count):
+        lock = FileLock(lock_dir / f"{torch.cuda.get_device_properties(index).uuid}.lock")
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            continue  # another run is on this GPU
+        _held_gpu_locks.append(lock)
+        return index
+    index = max(range(count), key=lambda i: torch.cuda.mem_get_info(i)[0])
+    log.warning("all %d GPUs are in use by other runs; sharing cuda:%d, which has the most free memory", count, index)
+    return index
 
 
 def cpu_has_native_bf16() -> bool:

@@ -27,10 +27,12 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 import numpy as np
+from filelock import FileLock
 from PIL import Image, UnidentifiedImageError
 
 from vitcnn.config import IMAGE_SIZE, NUM_CLASSES
 from vitcnn.errors import DataError
+from vitcnn.io import project_root
 
 log = logging.getLogger(__name__)
 
@@ -64,13 +66,18 @@ class RawDataset:
 
 
 def read_source(source: str, dataset: str, download_dir: Path) -> RawDataset:
-    """Read `source` ("download" or a path) as the dataset `dataset`."""
+    """Read `source` ("download" or a path) as the dataset `dataset`.
+
+    A relative path is taken from the project's root (`io.project_root`), so it names the same
+    file in a queued experiment, which runs in a temporary copy of the project.
+    """
     if source == "download":
         path = download_official(dataset, download_dir)
     else:
-        path = Path(source).expanduser()
+        path = project_root() / Path(source).expanduser()  # an absolute path stays as it is
         if not path.exists():
-            raise DataError(f"data.source: {source} does not exist; use 'download' or a path to an archive or folder")
+            where = "" if Path(source).expanduser().is_absolute() else f" (relative to the project: {path.resolve()})"
+            raise DataError(f"data.source: {source} does not exist{where}; use 'download' or a path to an archive or folder")
     files, digest = _read_files(path)
     raw = _parse(files, dataset, str(path))
     raw.source, raw.sha256 = source, digest
@@ -80,8 +87,16 @@ def read_source(source: str, dataset: str, download_dir: Path) -> RawDataset:
 def download_official(dataset: str, download_dir: Path) -> Path:
     """Fetch the official archive into download_dir (kept as a cache), verifying its md5.
 
-    A corrupt or partial file is deleted and fetched once more before giving up.
+    A corrupt or partial file is deleted and fetched once more before giving up. A lock
+    file beside it lets one process download while others (queued experiments running at
+    the same time) wait for it and then use the same file.
     """
+    download_dir.mkdir(parents=True, exist_ok=True)
+    with FileLock(download_dir / f"{OFFICIAL[dataset]['filename']}.lock"):
+        return _download_checked(dataset, download_dir)
+
+
+def _download_checked(dataset: str, download_dir: Path) -> Path:
     from torchvision.datasets.utils import check_integrity, download_url
 
     spec = OFFICIAL[dataset]

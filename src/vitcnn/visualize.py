@@ -53,7 +53,7 @@ METRIC_LABELS = {
 }
 
 
-def _save(fig: plt.Figure, path: Path, dpi: int) -> None:
+def save_figure(fig: plt.Figure, path: Path, dpi: int) -> None:
     with atomic_write(path) as tmp:
         fig.savefig(tmp, dpi=dpi, format="png", bbox_inches="tight")
     plt.close(fig)
@@ -105,7 +105,7 @@ def learning_curves(histories: dict[str, list[dict]], path: Path, dpi: int) -> N
         ax.legend(fontsize=8)
         ax.xaxis.get_major_locator().set_params(integer=True)
     fig.suptitle("ViT vs CNN: learning curves")
-    _save(fig, path, dpi)
+    save_figure(fig, path, dpi)
 
 
 def confusion_matrices(confusions: dict[str, np.ndarray], classes: list[str], path: Path, dpi: int) -> None:
@@ -128,7 +128,7 @@ def confusion_matrices(confusions: dict[str, np.ndarray], classes: list[str], pa
                             color="white" if rates[i, j] > 0.5 else "black")
         fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="fraction of the true class")
     fig.suptitle("Confusion matrices on the test split")
-    _save(fig, path, dpi)
+    save_figure(fig, path, dpi)
 
 
 def confusion_counts(actual: np.ndarray, predicted: np.ndarray, num_classes: int) -> np.ndarray:
@@ -152,7 +152,7 @@ def per_class_bars(per_class: dict[str, Sequence[float]], classes: list[str], pa
     ax.set(title="Per-class test accuracy, ViT vs CNN", xlabel="class", ylabel="test accuracy (%)", ylim=(0, 108))
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8, loc="upper left", ncols=models)
-    _save(fig, path, dpi)
+    save_figure(fig, path, dpi)
 
 
 def tradeoffs(metrics: dict[str, dict], path: Path, dpi: int) -> None:
@@ -172,7 +172,7 @@ def tradeoffs(metrics: dict[str, dict], path: Path, dpi: int) -> None:
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside lower center", ncols=len(labels), fontsize=8)
     fig.suptitle("Accuracy against cost, one point per model")
-    _save(fig, path, dpi)
+    save_figure(fig, path, dpi)
 
 
 def upsample(maps: torch.Tensor, size: int) -> np.ndarray:
@@ -245,7 +245,7 @@ def overlay_grid(
                 text, color = captions[name][i]
                 ax.set_xlabel(text, color=color, fontsize=7, labelpad=2)
     _colorbar(fig, axes, colorbar_label, OVERLAY_CMAP)
-    _save(fig, path, dpi)
+    save_figure(fig, path, dpi)
 
 
 def attention_heads(image: np.ndarray, maps: torch.Tensor, title: str, path: Path, dpi: int) -> None:
@@ -295,7 +295,7 @@ def feature_grid(
         axes[i, -1].set_xlabel(text, color=color, fontsize=7, labelpad=2)
     _colorbar(fig, axes[:, 1:-1], "activation (scaled per map)", FEATURE_CMAP, location="bottom")
     _colorbar(fig, axes[:, -1:], "Grad-CAM (scaled per map)", OVERLAY_CMAP, location="bottom")
-    _save(fig, path, dpi)
+    save_figure(fig, path, dpi)
 
 
 def mistakes_grid(
@@ -316,7 +316,7 @@ def mistakes_grid(
                 ax.set_xlabel(captions[name][j], color=WRONG, fontsize=7, labelpad=2)
             else:
                 ax.set_frame_on(False)
-    _save(fig, path, dpi)
+    save_figure(fig, path, dpi)
 
 
 # The figures the report shows, in its order: file stem -> (heading, what it shows).

@@ -2,7 +2,8 @@
 
 torch.utils.cpp_extension builds the source once per machine (about 15 s; the build is
 kept in PyTorch's extension cache, ~/.cache/torch_extensions, keyed by the source and
-flags) with the vector instructions this CPU has. Without a C++ compiler, or if the
+flags) with the vector instructions this CPU has. Every checkout of the same source
+shares that build, queued experiments' temporary copies included. Without a C++ compiler, or if the
 build fails, training says so in one line and uses the same computation written in
 PyTorch ops: same masks, same results, slower.
 
@@ -62,13 +63,27 @@ def cpu_kernels() -> bool:
         with quiet_cpp_extension():
             from torch.utils import cpp_extension
 
-            cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=cflags, extra_ldflags=["-fopenmp"],
-                               is_python_module=False)
+            build_dir = Path(cpp_extension._get_build_directory(name, False))  # where load() builds `name` anyway
+            cpp_extension.load(name=name, sources=[str(_copy_into(build_dir))], build_directory=str(build_dir),
+                               extra_cflags=cflags, extra_ldflags=["-fopenmp"], is_python_module=False)
     except Exception as exc:  # no compiler, no ninja, a failed build: all mean "use the PyTorch ops"
         reason = first_line(exc).split(": [")[0]  # not the compiler's command line
         log.warning("fused CPU kernels unavailable (%s); using PyTorch ops: same results, slower", reason)
         return False
     return True
+
+
+def _copy_into(build_dir: Path) -> Path:
+    """SOURCE copied into the build folder, and that copy's path: the build's inputs stay the same
+    file wherever this checkout is. ninja rebuilds when a source's path changes, and each queued
+    experiment runs in a copy of the project at a new path."""
+    copy = build_dir / SOURCE.name
+    data = SOURCE.read_bytes()
+    if not copy.is_file() or copy.read_bytes() != data:
+        tmp = copy.with_name(f".{copy.name}.{os.getpid()}.tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, copy)  # atomic: a process building at the same time never reads half a file
+    return copy
 
 
 @contextlib.contextmanager

@@ -1,0 +1,40 @@
+"""The `vitcnn` command (installed with the package; also `python -m vitcnn`).
+
+    vitcnn study run|wait|summarize ...   many experiments on DVC's queue, one honest summary
+
+The pipeline itself runs with `dvc repro` / `dvc exp run`; this command works around it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from vitcnn.errors import UserError
+from vitcnn.study import cli as study_cli
+
+GROUPS = {"study": study_cli.add_parser}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse `argv` and run the command; a problem the user can fix is one line on stderr, exit 1."""
+    parser = argparse.ArgumentParser(prog="vitcnn", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    subparsers = parser.add_subparsers(dest="group", required=True, metavar="{" + ",".join(GROUPS) + "}")
+    for add_parser in GROUPS.values():
+        add_parser(subparsers)
+    args = parser.parse_args(argv)
+    prefix = f"vitcnn {args.group}"
+    try:
+        return args.handler(args)
+    except KeyboardInterrupt:
+        print(f"{prefix}: interrupted", file=sys.stderr)
+        return 130
+    except UserError as exc:
+        stopped = exc.exit_code == 130  # stopped on purpose: the message says what to do next; not an error
+        print(f"{prefix}: {'' if stopped else 'error: '}{exc}", file=sys.stderr)
+        return exc.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

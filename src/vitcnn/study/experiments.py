@@ -1,0 +1,121 @@
+"""The experiments DVC knows, read from `dvc exp show --json`: params, metrics, state, error.
+
+Each experiment becomes an `Experiment` with its params flattened to dotted keys
+(`vit.depth`), its per-model metrics gathered from the pipeline's metrics files, its
+state (success, failed, running, queued) and, for a failed one, the last error line of
+its log (the stage's own `<stage>: error: ...` line where there is one).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vitcnn.study.queue import dvc
+
+EVALUATE_METRICS = "metrics/evaluate.json"  # {model: {test_acc, train_time_s, ...}}
+TRAIN_METRICS = "metrics/train_{model}.json"  # {train_images_per_s, ...}
+# The metrics a study summarizes, per model, and the file each comes from.
+SUMMARIZED = {"test_acc": EVALUATE_METRICS, "train_time_s": EVALUATE_METRICS, "train_images_per_s": TRAIN_METRICS}
+STAGE_ERROR = re.compile(r"^\S+: error: ")
+
+
+@dataclass
+class Experiment:
+    name: str
+    rev: str
+    baseline: str  # the commit it was run from
+    state: str  # success | failed | running | queued
+    timestamp: str
+    params: dict[str, Any]  # params.yaml, flattened: {"vit.depth": 6, ...}
+    metrics: dict[str, dict[str, float]] = field(default_factory=dict)  # {model: {metric: value}}
+    error: str = ""  # why a failed experiment failed, in one line
+
+
+@dataclass
+class Baseline:
+    rev: str
+    name: str  # branch or tag, else the short hash
+    params: dict[str, Any]
+
+
+def load(all_commits: bool = False, root: Path = Path(".")) -> tuple[list[Experiment], list[Baseline]]:
+    """Every experiment of the current commit (or of all commits) and the commits they came from."""
+    shown = json.loads(dvc("exp", "show", "--json", *(["--all-commits"] if all_commits else []), cwd=root))
+    return parse(shown)
+
+
+def parse(shown: list[dict]) -> tuple[list[Experiment], list[Baseline]]:
+    """`dvc exp show --json` output -> experiments and baselines (the workspace row is neither)."""
+    experiments, baselines = [], []
+    for row in shown:
+        if row["rev"] == "workspace":
+            continue
+        baselines.append(Baseline(row["rev"], row.get("name") or row["rev"][:7], _params(row.get("data") or {})))
+        for exp in row.get("experiments") or []:
+            for rev in exp.get("revs") or []:  # one rev per experiment (several for a checkpoint series)
+                experiments.append(_experiment(exp, rev, baseline=row["rev"]))
+    return experiments, baselines
+
+
+def _experiment(exp: dict, rev: dict, baseline: str) -> Experiment:
+    data = rev.get("data") or {}
+    executor = exp.get("executor") or {}
+    metrics = _metrics(data.get("metrics") or {})
+    if executor.get("state"):
+        state = executor["state"]
+    else:  # a finished experiment whose queue entry is gone
+        state = "failed" if rev.get("error") else "success"
+    error = ""
+    if state == "failed":
+        log = (executor.get("local") or {}).get("log")
+        error = _last_error(Path(log)) if log else ""
+        error = error or (rev.get("error") or {}).get("msg") or "failed (no log)"
+    elif state == "success" and not metrics:
+        state, error = "failed", f"finished without {EVALUATE_METRICS}"
+    return Experiment(name=exp.get("name") or rev.get("name") or rev["rev"][:7], rev=rev["rev"], baseline=baseline,
+                      state=state, timestamp=data.get("timestamp") or "", params=_params(data), metrics=metrics,
+                      error=error)
+
+
+def _params(data: dict) -> dict[str, Any]:
+    params = ((data.get("params") or {}).get("params.yaml") or {}).get("data") or {}
+    return flatten(params)
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """{"vit": {"depth": 6}} -> {"vit.depth": 6}; lists stay values."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _metrics(files: dict) -> dict[str, dict[str, float]]:
+    evaluate = (files.get(EVALUATE_METRICS) or {}).get("data") or {}
+    metrics = {}
+    for model, values in evaluate.items():
+        if not isinstance(values, dict):
+            continue
+        train = (files.get(TRAIN_METRICS.format(model=model)) or {}).get("data") or {}
+        sources = {EVALUATE_METRICS: values, TRAIN_METRICS: train}
+        metrics[model] = {metric: float(sources[file][metric]) for metric, file in SUMMARIZED.items()
+                          if isinstance(sources[file].get(metric), (int, float))}
+    return metrics
+
+
+def _last_error(log: Path) -> str:
+    """The stage's own error line in a run's log, else DVC's last ERROR line."""
+    try:
+        lines = [line.strip() for line in log.read_text(errors="replace").splitlines() if line.strip()]
+    except OSError:
+        return ""
+    ours = [line for line in lines if STAGE_ERROR.match(line)]
+    theirs = [line for line in lines if line.startswith("ERROR")]
+    return (ours or theirs or [""])[-1]

@@ -1,0 +1,303 @@
+"""Studies: the statistics against hand-computed cases, grouping and what is left out, one-line
+errors before anything is queued, and a real 3-seed study on DVC's queue in a tiny project."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, dvc, make_tiny_project, run
+from vitcnn.__main__ import main as vitcnn
+from vitcnn.study import report
+from vitcnn.study.experiments import Baseline, Experiment, parse
+from vitcnn.study.summary import estimate, summarize
+
+T_975 = {2: 4.302652729911275, 3: 3.182446305284263}  # Student t quantiles, from tables (df: value)
+MODELS = ["vit", "cnn"]
+DEFAULTS = {"seed": 0, "data.split_seed": 0, "data.subset": 0, "train.epochs": 20, "vit.depth": 6}
+
+
+def experiment(name: str, seed: int, vit: float, cnn: float | None, baseline: str = "a" * 40,
+               state: str = "success", **params) -> Experiment:
+    metrics = {"vit": {"test_acc": vit, "train_time_s": 10.0 + seed}}
+    if cnn is not None:
+        metrics["cnn"] = {"test_acc": cnn, "train_time_s": 20.0}
+    return Experiment(name=name, rev=f"{name:0<40}"[:40], baseline=baseline, state=state,
+                      timestamp=f"2026-01-01T00:00:0{seed}", params={**DEFAULTS, "seed": seed, **params},
+                      metrics=metrics if state == "success" else {})
+
+
+# --- statistics -------------------------------------------------------------------------------
+
+
+def test_mean_std_and_t_interval_match_a_hand_computed_case():
+    e = estimate([0.5, 0.6, 0.7])
+    half = T_975[2] * 0.1 / math.sqrt(3)
+    assert e.n == 3 and e.mean == pytest.approx(0.6) and e.std == pytest.approx(0.1)
+    assert e.ci95 == pytest.approx((0.6 - half, 0.6 + half))
+
+
+def test_one_value_has_a_mean_but_no_spread_or_interval():
+    e = estimate([0.42])
+    assert (e.mean, e.std, e.ci95) == (0.42, None, None)
+
+
+def test_the_paired_difference_is_computed_per_seed():
+    vit, cnn = [0.50, 0.60, 0.70], [0.80, 0.82, 0.95]
+    summary = summarize([experiment(f"s-{i}", i, v, c) for i, (v, c) in enumerate(zip(vit, cnn))], [], MODELS)
+    (group,) = summary.groups
+    diffs = [-0.30, -0.22, -0.25]
+    mean = sum(diffs) / 3
+    std = math.sqrt(sum((d - mean) ** 2 for d in diffs) / 2)
+    half = T_975[2] * std / math.sqrt(3)
+    assert group.diff.mean == pytest.approx(mean)
+    assert group.diff.std == pytest.approx(std)
+    assert group.diff.ci95 == pytest.approx((mean - half, mean + half))
+    # Paired, the gap is clearly below zero; each model's own interval is far wider.
+    assert group.diff.ci95[1] < 0
+    assert group.metrics["vit"]["test_acc"].ci95[1] - group.metrics["vit"]["test_acc"].ci95[0] > 4 * half
+    assert group.seeds == [0, 1, 2] and group.models == ("vit", "cnn")
+
+
+# --- grouping, and what is left out -------------------------------------------------------------
+
+
+def test_groups_differ_in_params_not_seed_and_show_only_what_varies():
+    runs = [experiment(f"d-{n}-{s}", s, 0.3 + n / 1e5 + s / 100, 0.5, **{"data.subset": n})
+            for n in (1000, 5000) for s in range(3)]
+    summary = summarize(runs, [Baseline("a" * 40, "main", DEFAULTS)], MODELS)
+    assert summary.varying == ["data.subset"]
+    assert [g.params for g in summary.groups] == [{"data.subset": 1000}, {"data.subset": 5000}]
+    assert [len(g.experiments) for g in summary.groups] == [3, 3]
+    assert summary.shared == {}  # nothing else differs from params.yaml
+    assert summary.groups[1].metrics["vit"]["test_acc"].mean == pytest.approx(0.35 + 0.01)
+    assert report.curve_axis(summary) == "data.subset"
+
+
+def test_failed_and_unfinished_experiments_are_listed_and_left_out(tmp_path):
+    log = tmp_path / "run.out"
+    log.write_text("Running stage 'train_vit':\ntrain_vit: error: training loss is not finite at epoch 1, step 2\n"
+                   "ERROR: failed to reproduce 'train_vit': failed to run: python stages/train.py vit, exited with 1\n")
+    shown = [{"rev": "workspace", "data": {}}, {
+        "rev": "b" * 40, "name": "main", "data": {"params": {"params.yaml": {"data": {"seed": 0}}}},
+        "experiments": [
+            _shown("ok", {"seed": 0}, {"vit": 0.4, "cnn": 0.6}, {"state": "success"}),
+            _shown("bad", {"seed": 1}, None, {"state": "failed", "local": {"log": str(log)}}, error=True),
+            _shown("busy", {"seed": 2}, None, {"state": "running"}),
+            _shown("later", {"seed": 3}, None, {"state": "queued"}),
+        ]}]
+    found, baselines = parse(shown)
+    summary = summarize(found, baselines, MODELS)
+    assert [e.name for e in summary.groups[0].experiments] == ["ok"]
+    assert [(e.name, e.error) for e in summary.failed] == [
+        ("bad", "train_vit: error: training loss is not finite at epoch 1, step 2")]
+    assert [(e.name, e.state) for e in summary.unfinished] == [("busy", "running"), ("later", "queued")]
+    assert any("need >= 2 seeds" in note for note in summary.notes)
+    text = report.markdown(summary, "t", [])
+    assert "± — [—]" in text and "`bad`: train_vit: error: training loss" in text and "`busy`: running" in text
+
+
+def test_other_commits_and_missing_models_are_grouped_apart_and_said_so():
+    runs = [experiment("x-0", 0, 0.4, 0.6), experiment("x-1", 1, 0.5, 0.7),
+            experiment("y-0", 0, 0.3, 0.5, baseline="c" * 40), experiment("z-0", 0, 0.2, None)]
+    summary = summarize(runs, [], MODELS)
+    keys = sorted((g.baseline[0], g.models, len(g.experiments)) for g in summary.groups)
+    assert keys == [("a", ("vit",), 1), ("a", ("vit", "cnn"), 2), ("c", ("vit", "cnn"), 1)]
+    assert any("2 commits" in note for note in summary.notes)
+    assert any("lack a model" in note for note in summary.notes)
+    assert next(g for g in summary.groups if g.models == ("vit",)).diff is None
+    assert report.curve_axis(summary) is None
+
+
+def test_a_seed_run_twice_counts_once():
+    runs = [experiment("r-0", 0, 0.4, 0.6), experiment("again-0", 0, 0.4, 0.6), experiment("r-1", 1, 0.5, 0.7)]
+    runs[1].timestamp = "2026-01-02T00:00:00"
+    (group,) = summarize(runs, [], MODELS).groups
+    assert group.seeds == [0, 1] and group.duplicates == ["r-0"]
+
+
+def test_summary_files_hold_the_table_the_csv_and_the_figures(tmp_path):
+    runs = [experiment(f"b-{e}-{s}", s, 0.3 + e / 100 + s / 200, 0.6 + e / 200, **{"train.epochs": e})
+            for e in (1, 2, 4) for s in range(2)]
+    summary = summarize(runs, [Baseline("a" * 40, "main", DEFAULTS)], MODELS)
+    written = report.write(summary, tmp_path / "out", "Study b")
+    assert sorted(p.name for p in written) == ["accuracy.png", "curve.png", "summary.csv", "summary.md"]
+    for name in ("accuracy.png", "curve.png"):
+        assert (tmp_path / "out" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = (tmp_path / "out" / "summary.csv").read_text().splitlines()
+    assert rows[0].startswith("train.epochs,commit,model,n,seeds,test_acc_mean,test_acc_std")
+    assert len(rows) == 1 + 3 * 2 and rows[1].split(",")[:5] == ["1", "a" * 40, "vit", "2", "0 1"]
+    md = (tmp_path / "out" / "summary.md").read_text()
+    assert "| train.epochs=4 | 2 | 0 1 | 34.25% ± 0.35" in md and "![curve.png](curve.png)" in md
+
+
+def _shown(name, params, accuracies, executor, error=False):
+    metrics = {}
+    if accuracies:
+        metrics["metrics/evaluate.json"] = {"data": {m: {"test_acc": a, "train_time_s": 1.0} for m, a in accuracies.items()}}
+    return {"name": name, "executor": executor, "revs": [{
+        "rev": f"{name:0<40}"[:40], "name": name, "error": {"msg": "Experiment run failed"} if error else None,
+        "data": {"timestamp": "2026-01-01T00:00:00", "params": {"params.yaml": {"data": params}}, "metrics": metrics}}]}
+
+
+# --- one-line errors before anything is queued ---------------------------------------------------
+
+
+@pytest.mark.parametrize("args, message", [
+    (["data", "--subsets", "0"], "--subsets: '0' is not allowed; give training-image counts as integers >= 1"),
+    (["data", "--subsets", "1000,x"], "--subsets: 'x' is not allowed"),
+    (["data"], "--subsets is required for a data study (data.subset)"),
+    (["budget", "--epochs", "5,5"], "--epochs: '5,5' repeats a value"),
+    (["seeds", "-S", "vit.dept=8"], "-S vit.dept=8: unknown key 'vit.dept' (did you mean 'vit.depth'?)"),
+    (["seeds", "-S", "seed=4"], "-S seed=4: seed is set by the study (--seeds); leave it out of -S"),
+    (["data", "--subsets", "100", "-S", "data.subset=5"], "data.subset is set by the study (--subsets)"),
+    (["sweep", "-S", "vit.embed_dim=128,130"], "vit.num_heads: 4 is not allowed; vit.embed_dim (130) must be divisible"),
+    (["sweep", "-S", "vit.depth=4,,6"], "-S: Error parsing override 'vit.depth=4,,6'"),
+    (["sweep"], "a sweep study needs at least one -S"),
+    (["seeds", "--seeds", "0"], "--seeds: 0 is not allowed; use an integer >= 1"),
+    (["seeds", "--name", "no spaces"], "--name: 'no spaces' is not allowed"),
+])
+def test_an_invalid_study_is_one_line_before_queueing(args, message, tmp_path, monkeypatch, capsys):
+    (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("vitcnn.study.queue.submit", lambda *a, **k: pytest.fail("queued an invalid study"))
+    assert vitcnn(["study", "run", *args]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("vitcnn study: error: ") and message in err, err
+
+
+def test_the_grid_is_dvcs_own_expansion_seed_by_seed(tmp_path, monkeypatch):
+    from vitcnn.study.grid import plan
+
+    (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
+    runs = plan("sweep", "sw", 2, [], ["vit.depth=4,8", "train.lr=range(1,3)"], tmp_path / "params.yaml")
+    assert [r.name for r in runs][:2] == ["sw-0", "sw-1"] and len(runs) == 2 * 2 * 2
+    assert [r.seed for r in runs] == [0] * 4 + [1] * 4  # whole seeds first: stopping early leaves whole seeds
+    assert runs[0].overrides == ("vit.depth=4", "train.lr=1", "seed=0")
+    data = plan("data", "d", 1, [1000, 5000], ["train.epochs=3"], tmp_path / "params.yaml")
+    assert [r.overrides for r in data] == [("train.epochs=3", "data.subset=1000", "seed=0"),
+                                           ("train.epochs=3", "data.subset=5000", "seed=0")]
+
+
+# --- one GPU per queued run ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def three_gpus(tmp_path, monkeypatch):
+    """torch sees three GPUs (UUIDs, free memory); GPU locks go to a scratch folder."""
+    import torch
+
+    from vitcnn import runtime
+
+    class Properties:
+        def __init__(self, index):
+            self.uuid = f"GPU-{index:04d}"
+
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", Properties)
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda i: ({0: 10, 1: 70, 2: 40}[i] * 2**30, 80 * 2**30))
+    monkeypatch.setattr(runtime, "GPU_LOCKS", tmp_path / "locks")
+    yield chosen
+    for lock in runtime._held_gpu_locks:
+        lock.release()
+    runtime._held_gpu_locks.clear()
+
+
+def test_each_run_takes_a_gpu_no_other_run_holds(three_gpus, tmp_path, caplog):
+    from filelock import FileLock
+
+    from vitcnn.runtime import resolve_device
+
+    other_run = FileLock(tmp_path / "locks" / "GPU-0000.lock")  # another process's claim, as far as flock goes
+    (tmp_path / "locks").mkdir()
+    other_run.acquire()
+    try:
+        assert resolve_device("auto") == __import__("torch").device("cuda", 1)
+        assert resolve_device("cuda").index == 2
+        # Every GPU taken: share the one with the most free memory, and say so.
+        assert resolve_device("auto").index == 1
+        assert "all 3 GPUs are in use by other runs; sharing cuda:1" in caplog.text
+    finally:
+        other_run.release()
+    assert three_gpus == [1, 2, 1]
+
+
+def test_a_finished_run_frees_its_gpu_for_the_next(three_gpus, tmp_path):
+    code = ("import sys, torch; from vitcnn import runtime; from pathlib import Path;"
+            "torch.cuda.device_count = lambda: 3;"
+            "torch.cuda.get_device_properties = lambda i: type('P', (), {'uuid': f'GPU-{i:04d}'});"
+            "print(runtime.claim_gpu(Path(sys.argv[1])))")
+    first = subprocess.run([sys.executable, "-c", code, str(tmp_path / "locks")], capture_output=True, text=True)
+    second = subprocess.run([sys.executable, "-c", code, str(tmp_path / "locks")], capture_output=True, text=True)
+    assert first.stdout.split()[-1] == second.stdout.split()[-1] == "0", first.stderr + second.stderr
+
+
+def test_study_workers_default_to_one_per_gpu(three_gpus, monkeypatch):
+    from vitcnn.study.queue import default_jobs
+
+    assert default_jobs() == 3
+    monkeypatch.setattr("torch.cuda.device_count", lambda: 0)
+    assert default_jobs() == 1
+
+
+# --- a real study on DVC's queue -------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_a_three_seed_study_runs_on_dvcs_queue_and_summarizes_exactly(tmp_path):
+    repo, env = make_tiny_project(tmp_path)
+
+    def vitcnn_cli(*args: str, ok: bool = True) -> subprocess.CompletedProcess:
+        result = subprocess.run([sys.executable, "-m", "vitcnn", *args], cwd=repo, env=env, capture_output=True,
+                                text=True, timeout=600)
+        assert (result.returncode == 0) == ok, f"{args}: {result.returncode}\n{result.stdout}\n{result.stderr}"
+        return result
+
+    empty = vitcnn_cli("study", "summarize", ok=False)
+    assert empty.returncode == 1 and empty.stderr.count("\n") == 1 and "no experiments of this commit" in empty.stderr
+
+    # A run that fails (its loss diverges), queued first under the study's prefix: summarize lists it.
+    dvc("exp", "run", "--queue", "-n", "tinyfail", "-S", "train.lr=1e12", cwd=repo, env=env)
+    vitcnn_cli("study", "run", "seeds", "--seeds", "3", "--name", "tiny", "-j", "2")
+
+    summary = json.loads(vitcnn_cli("study", "summarize", "--name", "tiny", "--json").stdout)
+    (group,) = summary["groups"]
+    assert group["n"] == 3 and group["seeds"] == [0, 1, 2] and group["params"] == {}
+    assert sorted(group["experiments"]) == ["tiny-0", "tiny-1", "tiny-2"]
+    assert [f["name"] for f in summary["failed"]] == ["tinyfail"]
+    assert summary["failed"][0]["error"].startswith("train_vit: error: training loss is not finite")
+
+    # The numbers are those of each experiment's own metrics file, read from git.
+    shown = json.loads(dvc("exp", "show", "--json", cwd=repo, env=env).stdout)
+    revs = {exp["name"]: exp["revs"][0]["rev"] for row in shown for exp in row.get("experiments") or []}
+    metrics = [json.loads(run(["git", "show", f"{revs[name]}:metrics/evaluate.json"], repo, env).stdout)
+               for name in group["experiments"]]
+    for model in MODELS:
+        values = [m[model]["test_acc"] for m in metrics]
+        mean = sum(values) / 3
+        got = group["metrics"][model]["test_acc"]
+        assert got["mean"] == pytest.approx(mean, abs=1e-12)
+        assert got["std"] == pytest.approx(math.sqrt(sum((v - mean) ** 2 for v in values) / 2), abs=1e-12)
+    diffs = [m["vit"]["test_acc"] - m["cnn"]["test_acc"] for m in metrics]
+    assert summary["groups"][0]["diff_test_acc"]["mean"] == pytest.approx(sum(diffs) / 3, abs=1e-12)
+
+    # Seeds share one split: every study run took prepare's output from DVC's run cache.
+    for name in ("tiny-1", "tiny-2"):  # (tiny-0 may have prepared alongside the failing run)
+        log = dvc("queue", "logs", name, cwd=repo, env=env).stdout
+        assert "Stage 'prepare' is cached - skipping run" in log, log
+
+    out = repo / "studies" / "tiny"
+    assert {"summary.md", "summary.csv", "accuracy.png"} <= {p.name for p in out.iterdir()}
+    assert "| all runs | 3 | 0 1 2 |" in (out / "summary.md").read_text()
+    assert "`tinyfail`: train_vit: error" in (out / "summary.md").read_text()
+
+    again = vitcnn_cli("study", "run", "seeds", "--name", "tiny", ok=False)
+    assert again.stderr.count("\n") == 1 and "a study named 'tiny' exists already (3 experiments" in again.stderr
