@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import subprocess
 import sys
@@ -120,3 +121,21 @@ def test_the_portable_build_computes_what_the_vectorised_build_does(kernels, tmp
         x = torch.randn(1000, 37, generator=torch.Generator().manual_seed(0)).to(dtype)
         y, bits = kernels.dropout(x, 123456789, 13107, 1.25)
         assert portable[str(dtype)] == [y.float().tolist(), bits.tolist()]
+
+
+@needs_compiler
+def test_every_checkout_of_the_source_shares_one_build(kernels, tmp_path):
+    # A queued experiment runs in a fresh copy of the project: loading the kernels from there
+    # must reuse the build, not compile again (ninja rebuilds when a source's path changes).
+    code = ("from vitcnn.models import native; assert native.cpu_kernels();"
+            "print(next(line.split()[-1] for line in open('/proc/self/maps') if 'vitcnn_cpu_kernels' in line))")
+    loaded = {}
+    for checkout in ("a", "b"):
+        src = tmp_path / checkout / "src"
+        shutil.copytree(native.SOURCE.parents[2], src, ignore=shutil.ignore_patterns("__pycache__"))
+        result = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(src)},
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr
+        library = result.stdout.split()[-1]
+        loaded[checkout] = (library, os.stat(library).st_mtime_ns)  # a rebuild writes the library anew
+    assert loaded["a"] == loaded["b"]

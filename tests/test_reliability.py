@@ -207,6 +207,38 @@ def test_unreachable_download_says_how_to_use_a_local_copy(tmp_path, monkeypatch
         download_official("cifar10", tmp_path)
 
 
+def test_runs_downloading_at_once_fetch_the_archive_once(tmp_path, monkeypatch):
+    # Queued experiments on several GPUs can start together; they share the project's download cache.
+    import hashlib
+    import threading
+    import time
+
+    import torchvision.datasets.utils as tv_utils
+
+    from vitcnn import sources
+
+    archive = b"the official archive"
+    monkeypatch.setitem(sources.OFFICIAL, "cifar10", {**sources.OFFICIAL["cifar10"],
+                                                      "md5": hashlib.md5(archive).hexdigest()})
+    calls = []
+
+    def slow_download(url, root, filename, md5):
+        calls.append(url)
+        time.sleep(0.3)  # long enough for the other run to look for the file meanwhile
+        Path(root, filename).write_bytes(archive)
+
+    monkeypatch.setattr(tv_utils, "download_url", slow_download)
+    paths = []
+    runs = [threading.Thread(target=lambda: paths.append(sources.download_official("cifar10", tmp_path)))
+            for _ in range(2)]
+    for run in runs:
+        run.start()
+    for run in runs:
+        run.join()
+    assert len(calls) == 1
+    assert paths == [tmp_path / "cifar-10-python.tar.gz"] * 2 and paths[0].read_bytes() == archive
+
+
 def test_out_of_memory_names_the_batch_size_and_what_to_try(project, monkeypatch, capsys):
     import runpy
 

@@ -230,6 +230,15 @@ def test_each_run_takes_a_gpu_no_other_run_holds(three_gpus, tmp_path, caplog):
     assert three_gpus == [1, 2, 1]
 
 
+def test_without_usable_gpu_locks_the_gpu_with_most_free_memory_is_taken(three_gpus, tmp_path, monkeypatch, caplog):
+    from vitcnn import runtime
+
+    (tmp_path / "not-a-folder").write_text("")
+    monkeypatch.setattr(runtime, "GPU_LOCKS", tmp_path / "not-a-folder")
+    assert runtime.resolve_device("auto").index == 1
+    assert "GPU locks in" in caplog.text and "sharing cuda:1" in caplog.text
+
+
 def test_a_finished_run_frees_its_gpu_for_the_next(three_gpus, tmp_path):
     code = ("import sys, torch; from vitcnn import runtime; from pathlib import Path;"
             "torch.cuda.device_count = lambda: 3;"

@@ -58,18 +58,22 @@ def claim_gpu(lock_dir: Path | None = None) -> int:
     every GPU is taken, it shares the one with the most free memory, and says so.
     """
     lock_dir = lock_dir or GPU_LOCKS
-    lock_dir.mkdir(parents=True, exist_ok=True)
     count = torch.cuda.device_count()
-    for index in range(count):
-        lock = FileLock(lock_dir / f"{torch.cuda.get_device_properties(index).uuid}.lock")
-        try:
-            lock.acquire(timeout=0)
-        except Timeout:
-            continue  # another run is on this GPU
-        _held_gpu_locks.append(lock)
-        return index
+    try:
+        lock_dir.mkdir(parents=True, exist_ok=True)
+        for index in range(count):
+            lock = FileLock(lock_dir / f"{torch.cuda.get_device_properties(index).uuid}.lock")
+            try:
+                lock.acquire(timeout=0)
+            except Timeout:
+                continue  # another run is on this GPU
+            _held_gpu_locks.append(lock)
+            return index
+        why = f"all {count} GPUs are in use by other runs"
+    except OSError as exc:  # e.g. another user's lock folder: choose by free memory alone
+        why = f"GPU locks in {lock_dir} are unusable ({exc})"
     index = max(range(count), key=lambda i: torch.cuda.mem_get_info(i)[0])
-    log.warning("all %d GPUs are in use by other runs; sharing cuda:%d, which has the most free memory", count, index)
+    log.warning("%s; sharing cuda:%d, which has the most free memory", why, index)
     return index
 
 

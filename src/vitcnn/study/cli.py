@@ -89,7 +89,7 @@ def run_study(args: argparse.Namespace) -> int:
         return 0
     states = queue.wait([r.name for r in runs], name)
     failed = sum(state != "Success" for state in states.values())
-    code = summarize_command(name, False, False, args.out)
+    code = summarize_command(name, True, False, args.out)  # any commit: HEAD may have moved meanwhile
     if failed:
         print(f"study {name}: {failed} of {len(runs)} runs failed (listed above and in the summary)", file=sys.stderr)
     return 1 if failed else code
@@ -101,7 +101,7 @@ def follow(name: str, out: Path | None) -> int:
         raise StudyError(f"no queued or finished runs named '{name}-...' in DVC's queue; "
                          f"see `dvc queue status`, or summarize: vitcnn study summarize --name {name}")
     queue.wait(names, name)
-    return summarize_command(name, False, False, out)
+    return summarize_command(name, True, False, out)
 
 
 def summarize_command(name: str | None, all_commits: bool, as_json: bool, out: Path | None) -> int:

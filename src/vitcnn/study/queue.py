@@ -9,15 +9,19 @@ process stops, so stopping it loses nothing.
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from tqdm import tqdm
 
+from vitcnn.errors import first_line
 from vitcnn.study.grid import Run, StudyError
 
 DONE = {"Success", "Failed"}  # DVC's queue states; the others are "Queued" and "Running"
@@ -43,19 +47,28 @@ def dvc(*args: str, cwd: Path = Path(".")) -> str:
     return text
 
 
-def queue_statuses(root: Path = Path(".")) -> dict[str, str]:
-    """{experiment name: Queued | Running | Success | Failed} of every task DVC's queue knows."""
+@contextlib.contextmanager
+def open_repo(root: Path) -> Iterator[Any]:
+    """DVC's Repo at `root`; DVC's own errors (not a DVC repository, no commit yet) become one line."""
+    from dvc.exceptions import DvcException
     from dvc.repo import Repo
 
-    with Repo(str(root)) as repo:
+    try:
+        with Repo(str(root)) as repo:
+            yield repo
+    except DvcException as exc:
+        raise StudyError(f"{root.resolve()}: {first_line(exc)}") from None
+
+
+def queue_statuses(root: Path = Path(".")) -> dict[str, str]:
+    """{experiment name: Queued | Running | Success | Failed} of every task DVC's queue knows."""
+    with open_repo(root) as repo:
         return {entry["name"]: entry["status"] for entry in repo.experiments.celery_queue.status() if entry["name"]}
 
 
 def experiment_names(root: Path = Path(".")) -> set[str]:
     """Names of every experiment of the repository (any commit) and of every queued task."""
-    from dvc.repo import Repo
-
-    with Repo(str(root)) as repo:
+    with open_repo(root) as repo:
         done = {name for exps in repo.experiments.ls(all_commits=True).values() for name, _ in exps}
     return done | set(queue_statuses(root))
 

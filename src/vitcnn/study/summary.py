@@ -64,7 +64,7 @@ class Group:
 
     @property
     def seeds(self) -> list[int]:
-        return [e.params[SEED] for e in self.experiments]
+        return [e.params.get(SEED) for e in self.experiments]
 
     def as_dict(self) -> dict[str, Any]:
         return {
