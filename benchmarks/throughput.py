@@ -21,6 +21,7 @@ shape (speed does not depend on pixel values).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import json
 import multiprocessing as mp
@@ -37,14 +38,16 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
-from vitcnn.config import Params, TrainConfig
+from vitcnn.config import Params, TrainConfig, recipe_for
 from vitcnn.data import FIXED_MEAN, FIXED_STD, BatchLoader, Split
-from vitcnn.models import build_model, model_kwargs
+from vitcnn.models import MODELS
+from vitcnn.models.store import build_model
 from vitcnn.runtime import keep_freed_memory, maybe_compile, resolve_device, resolve_precision, use_deterministic
 from vitcnn.train import make_optimizer, train_step
 
 ROOT = Path(__file__).resolve().parents[1]
 SEED_PROGRAM = ROOT.parent / "shared" / "reference" / "seed_vit_vs_cnn.py"
+SEED_CLASSES = {"vit": "VisionTransformer", "cnn": "SimpleCNN"}  # the original program's models, by registry name
 
 
 def load_images(n_random: int = 10000) -> tuple[Split, str]:
@@ -79,13 +82,12 @@ class NaiveDataset(Dataset):
 
 
 def naive_model(name: str, num_classes: int) -> tuple[nn.Module, str]:
-    if SEED_PROGRAM.is_file():
+    if SEED_PROGRAM.is_file() and name in SEED_CLASSES:
         spec = importlib.util.spec_from_file_location("seed_program", SEED_PROGRAM)
         seed = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(seed)
-        model = seed.VisionTransformer(num_classes=num_classes) if name == "vit" else seed.SimpleCNN(num_classes)
-        return model, "seed program's model"
-    model = build_model(name, num_classes, **model_kwargs(name, Params()))
+        return getattr(seed, SEED_CLASSES[name])(num_classes=num_classes), "seed program's model"
+    model = build_model(name, num_classes, getattr(Params(), name))
     for module in model.modules():
         if hasattr(module, "fused_attn"):
             module.fused_attn = False
@@ -104,7 +106,7 @@ class Engine:
 
     def __init__(self, name: str, split: Split, device: torch.device, cfg: TrainConfig):
         torch.manual_seed(0)
-        self.model = build_model(name, 10, **model_kwargs(name, Params())).to(device, memory_format=torch.channels_last)
+        self.model = build_model(name, 10, getattr(Params(), name)).to(device, memory_format=torch.channels_last)
         self.model.train()
         self.optimizer = make_optimizer(self.model, cfg)
         self.dtype = resolve_precision(cfg.precision, device)
@@ -112,7 +114,7 @@ class Engine:
         self.loader = BatchLoader(split, cfg.batch_size, device, list(FIXED_MEAN), list(FIXED_STD), shuffle=True,
                                   crop_padding=cfg.crop_padding, flip=cfg.flip, generator=gen)
         self.step_model = maybe_compile(self.model, cfg.compile, device, self.loader.example(), self.dtype)
-        self.device, self.batches = device, iter(())
+        self.device, self.batches, self.cfg = device, iter(()), cfg
 
     def run(self, steps: int) -> int:
         images, last = 0, None
@@ -122,7 +124,7 @@ class Engine:
                 self.batches = iter(self.loader)
                 batch = next(self.batches)
             x, y = batch
-            last, _ = train_step(self.step_model, self.optimizer, x, y, self.dtype)
+            last, _ = train_step(self.step_model, self.optimizer, x, y, self.dtype, self.cfg)
             images += len(y)
         last.item()  # one sync per window, so that the window's work is done when timed
         return images
@@ -187,16 +189,25 @@ class BaselineProcess:
         # not a daemon: the baseline's DataLoader starts worker processes of its own
         self.process = mp.get_context("spawn").Process(target=serve_baseline, args=(child, name, str(device), batch_size))
         self.process.start()
-        self.source = self.conn.recv()
+        child.close()  # only the child holds its end now: if it dies, receiving here fails at once
+        self.source = self._receive()
+
+    def _receive(self):
+        try:
+            return self.conn.recv()
+        except EOFError:
+            self.process.join()
+            raise RuntimeError(f"the naive baseline's process died (exit code {self.process.exitcode}); "
+                               "its traceback is above") from None
 
     def window(self, steps: int) -> float:
         self.conn.send(steps)
-        return self.conn.recv()
+        return self._receive()
 
     def close(self) -> float:
         """Stop it; returns its peak memory in MiB."""
         self.conn.send(None)
-        peak = self.conn.recv()
+        peak = self._receive()
         self.process.join()
         return peak
 
@@ -222,7 +233,7 @@ def peak_memory_mb(device: torch.device) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", choices=["vit", "cnn", "all"], default="all")
+    parser.add_argument("--model", choices=[*MODELS, "all"], default="all")
     parser.add_argument("--steps", type=int, default=10, help="training steps per timed window")
     parser.add_argument("--repeats", type=int, default=5, help="timed windows per variant (median reported)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
@@ -234,11 +245,12 @@ def main() -> None:
     args = parser.parse_args()
 
     device = resolve_device(args.device)
-    cfg = TrainConfig(precision=args.precision, compile=args.compile)
     keep_freed_memory()  # as the training stage does
-    use_deterministic(cfg.deterministic)
+    use_deterministic(TrainConfig().deterministic)
     split, data = load_images()
-    for name in (["vit", "cnn"] if args.model == "all" else [args.model]):
+    for name in (MODELS if args.model == "all" else [args.model]):
+        # The model's default recipe (the original program's at the defaults).
+        cfg = dataclasses.replace(recipe_for(Params(), name), precision=args.precision, compile=args.compile)
         engine = Engine(name, split, device, cfg)
         baseline = BaselineProcess(name, device, cfg.batch_size) if args.baseline else None
         rates = measure(engine, baseline, args.steps, args.repeats, args.warmup)

@@ -20,9 +20,10 @@ from pathlib import Path
 
 import torch
 
-from vitcnn.config import load_params
+from vitcnn.config import load_params, recipe_for
 from vitcnn.data import load_meta, load_split, normalization
-from vitcnn.models import build_model, model_kwargs
+from vitcnn.models import MODELS
+from vitcnn.models.store import build_model
 from vitcnn.runtime import keep_freed_memory, resolve_device, seed_everything, use_deterministic
 from vitcnn.train import fit
 
@@ -35,15 +36,15 @@ class TargetReached(Exception):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", choices=["vit", "cnn"], required=True)
+    parser.add_argument("--model", choices=MODELS, required=True)
     parser.add_argument("--target", type=float, required=True, help="validation accuracy to reach, 0..1")
-    parser.add_argument("--epochs", type=int, help="epoch budget (default: train.epochs of params.yaml)")
+    parser.add_argument("--epochs", type=int, help="epoch budget (default: the model's recipe in params.yaml)")
     parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], help="override train.precision")
     args = parser.parse_args()
 
     params = load_params()
     overrides = {k: v for k, v in {"epochs": args.epochs, "precision": args.precision}.items() if v is not None}
-    cfg = dataclasses.replace(params.train, **overrides)
+    cfg = dataclasses.replace(recipe_for(params, args.model), **overrides)
     device = resolve_device(params.device)
     keep_freed_memory()
     meta = load_meta(PREPARED)
@@ -51,7 +52,7 @@ def main() -> None:
     mean, std = normalization(meta, cfg.normalization)
     use_deterministic(cfg.deterministic)
     seed_everything(params.seed)
-    model = build_model(args.model, len(meta["classes"]), **model_kwargs(args.model, params))
+    model = build_model(args.model, len(meta["classes"]), getattr(params, args.model))
 
     start = time.perf_counter()
     reached: dict = {}

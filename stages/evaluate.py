@@ -20,7 +20,8 @@ from vitcnn.config import load_params
 from vitcnn.data import BatchLoader, load_meta, load_split
 from vitcnn.evaluate import evaluate_model, flops_per_image, inference_speed
 from vitcnn.io import read_json, write_csv, write_json
-from vitcnn.models import MODELS, count_params, load_model
+from vitcnn.models import MODELS
+from vitcnn.models.store import count_params, load_model
 from vitcnn.runtime import keep_freed_memory, resolve_device, resolve_precision
 
 PREPARED = Path("data/prepared")

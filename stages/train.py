@@ -16,11 +16,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from vitcnn.checkpoint import fingerprint
 from vitcnn.cli import run_stage
-from vitcnn.config import load_params
+from vitcnn.config import load_params, params_dict, recipe_for
 from vitcnn.data import load_meta, load_split, normalization
 from vitcnn.errors import UserError
 from vitcnn.io import write_csv, write_json
-from vitcnn.models import MODELS, build_model, count_params, model_kwargs, save_model
+from vitcnn.models import MODELS
+from vitcnn.models.store import build_model, count_params, model_params, save_model
 from vitcnn.runtime import keep_freed_memory, resolve_device, seed_everything, use_deterministic
 from vitcnn.train import fit
 
@@ -36,33 +37,35 @@ def main() -> None:
     keep_freed_memory()
     meta = load_meta(PREPARED)
     train, val = load_split(PREPARED, "train"), load_split(PREPARED, "val")
-    mean, std = normalization(meta, params.train.normalization)
 
-    use_deterministic(params.train.deterministic)
+    recipe = recipe_for(params, name)  # train.*, with this model's own recipe keys
+    mean, std = normalization(meta, recipe.normalization)
+    use_deterministic(recipe.deterministic)
     seed_everything(params.seed)
-    kwargs = model_kwargs(name, params)
-    model = build_model(name, len(meta["classes"]), **kwargs)
+    section = getattr(params, name)
+    model = build_model(name, len(meta["classes"]), section)
     n_params = count_params(model)
     print(f"train_{name}: {n_params:,} parameters, {len(train)} train / {len(val)} val images on {device}")
 
     def report(row: dict) -> None:
-        print(f"train_{name}: epoch {row['epoch']}/{params.train.epochs} loss {row['train_loss']:.4f} "
+        print(f"train_{name}: epoch {row['epoch']}/{recipe.epochs} loss {row['train_loss']:.4f} "
               f"acc {row['train_acc']:.4f} val_loss {row['val_loss']:.4f} val_acc {row['val_acc']:.4f} "
               f"({row['epoch_time_s']:.1f}s, {row['images_per_s']:.0f} img/s)", flush=True)
 
     checkpoint = Path("checkpoints") / name / "last.pt"
-    run_id = fingerprint(params.seed, params.device, params.train, getattr(params, name),
+    run_id = fingerprint(params.seed, params.device, recipe, section,
                          files=(PREPARED / "train.safetensors", PREPARED / "val.safetensors"))
     try:
-        result = fit(model, train, val, params.train, mean, std, device, params.seed, name=name, on_epoch=report,
+        result = fit(model, train, val, recipe, mean, std, device, params.seed, name=name, on_epoch=report,
                      checkpoint=checkpoint, fingerprint=run_id)
     except torch.OutOfMemoryError:
-        raise UserError(f"{device} ran out of memory at train.batch_size {params.train.batch_size}; "
-                        f"try {max(1, params.train.batch_size // 2)}, or a smaller model") from None
+        key = f"{name}.recipe.batch_size" if section.recipe.batch_size is not None else "train.batch_size"
+        raise UserError(f"{device} ran out of memory at {key} {recipe.batch_size}; "
+                        f"try {max(1, recipe.batch_size // 2)}, or a smaller model") from None
     model.load_state_dict(result.state)
 
-    config = {"name": name, "num_classes": len(meta["classes"]), "kwargs": kwargs, "classes": meta["classes"],
-              "mean": mean, "std": std, "best_epoch": result.best_epoch}
+    config = {"name": name, "num_classes": len(meta["classes"]), "params": params_dict(model_params(name, section)),
+              "classes": meta["classes"], "mean": mean, "std": std, "best_epoch": result.best_epoch}
     save_model(model, Path("models") / name, config)
     history = result.history
     write_csv(Path("plots/train") / f"{name}.csv", list(history[0]), [list(r.values()) for r in history])
@@ -78,6 +81,7 @@ def main() -> None:
         "device": str(device),
         "precision": result.precision,
         "torch": torch.__version__,
+        "recipe": params_dict(recipe),  # what this model was trained with: train.*, with its own recipe keys
     })
     checkpoint.unlink()  # every output is written: nothing left to resume
 

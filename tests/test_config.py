@@ -42,6 +42,21 @@ def test_unknown_key_names_it_and_suggests_the_close_match(tmp_path):
     assert "vit.depth" in msg
 
 
+def test_an_unknown_recipe_key_names_it_and_suggests_the_close_match(tmp_path):
+    msg = config_error(tmp_path, {"cnn": {"recipe": {"lr_schedule": "linear"}}})
+    assert "unknown key 'cnn.recipe.lr_schedule'" in msg and "did you mean 'cnn.recipe.schedule'" in msg
+
+
+def test_a_models_recipe_keys_replace_the_shared_ones_for_that_model_only(tmp_path):
+    from vitcnn.config import recipe_for
+
+    params = load_params(write_params(tmp_path, {"train": {"lr": 0.01, "epochs": 7},
+                                                 "cnn": {"recipe": {"optimizer": "sgd", "lr": 0.1}}}))
+    cnn, vit = recipe_for(params, "cnn"), recipe_for(params, "vit")
+    assert (cnn.optimizer, cnn.lr, cnn.epochs) == ("sgd", 0.1, 7)
+    assert (vit.optimizer, vit.lr, vit.epochs) == ("adamw", 0.01, 7)
+
+
 def test_unknown_section_names_it_and_lists_the_sections(tmp_path):
     msg = config_error(tmp_path, {"model": {"depth": 6}})
     assert "'model'" in msg
@@ -62,6 +77,7 @@ def test_unknown_section_names_it_and_lists_the_sections(tmp_path):
         ({"train": {"lr": "fast"}}, "train.lr", "number"),
         ({"data": {"source": 7}}, "data.source", "string"),
         ({"vit": 6}, "vit", "mapping"),
+        ({"vit": {"recipe": {"lr": "fast"}}}, "vit.recipe.lr", "number"),
     ],
     ids=lambda v: v if isinstance(v, str) else None,
 )
@@ -81,7 +97,20 @@ def test_wrong_type_names_the_key_and_the_expected_type(tmp_path, data, key, all
         ({"train": {"lr": 0}}, "train.lr", "> 0"),
         ({"train": {"lr": -1}}, "train.lr", "> 0"),
         ({"train": {"epochs": 0}}, "train.epochs", ">= 1"),
-        ({"train": {"schedule": "linear"}}, "train.schedule", "cosine"),
+        ({"train": {"schedule": "step"}}, "train.schedule", "cosine, linear, constant"),
+        ({"train": {"warmup": 1.0}}, "train.warmup", "a warmup cannot be as long as the run"),
+        ({"vit": {"recipe": {"warmup": 3}}}, "vit.recipe.warmup", "a fraction of the run in [0, 1)"),
+        ({"vit": {"recipe": {"epochs": 0}}}, "vit.recipe.epochs", ">= 1"),
+        ({"cnn": {"recipe": {"ema": 1.0}}}, "cnn.recipe.ema", "0 (off) or a decay in (0, 1)"),
+        ({"train": {"ema": -0.5}}, "train.ema", "0 (off) or a decay in (0, 1)"),
+        ({"cnn": {"recipe": {"optimizer": "sgd", "momentum": 0.0}}}, "cnn.recipe.momentum", "Nesterov"),
+        ({"cnn": {"recipe": {"optimizer": "adam"}}}, "cnn.recipe.optimizer", "adamw, sgd"),
+        ({"train": {"label_smoothing": 1.0}}, "train.label_smoothing", "[0, 1)"),
+        ({"train": {"grad_clip": -1}}, "train.grad_clip", "0 (off)"),
+        ({"vit": {"stem": "conv", "stem_layers": 6}}, "vit.stem_layers", "must divide evenly: use 1..5"),
+        ({"vit": {"pooling": "max"}}, "vit.pooling", "cls, mean, seq"),
+        ({"vit": {"drop_path": 1.0}}, "vit.drop_path", "[0, 1)"),
+        ({"cnn": {"block": "dense"}}, "cnn.block", "plain, residual"),
         ({"data": {"val_size": 0}}, "data.val_size", ">= 1"),
         ({"data": {"dataset": "mnist"}}, "data.dataset", "cifar100"),
         ({"device": "tpu"}, "device", "cuda"),

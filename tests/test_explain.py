@@ -6,6 +6,7 @@ models' numbers exactly as metrics/evaluate.json writes them).
 from __future__ import annotations
 
 import csv
+import dataclasses
 import os
 import re
 import subprocess
@@ -21,38 +22,44 @@ from vitcnn import explain
 from vitcnn import visualize as viz
 from vitcnn.data import FIXED_MEAN, FIXED_STD, write_prepared
 from vitcnn.io import write_csv, write_json
-from vitcnn.models import build_model, save_model
+from vitcnn.models import MODELS, REGISTRY
+from vitcnn.models.store import build_model, save_model
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 TINY = {
-    "vit": {"img_size": 32, "patch_size": 8, "embed_dim": 8, "depth": 2, "num_heads": 2, "mlp_ratio": 2.0,
-            "dropout": 0.1},
+    "vit": {"patch_size": 8, "embed_dim": 8, "depth": 2, "num_heads": 2, "mlp_ratio": 2.0, "dropout": 0.1},
     "cnn": {"channels": [4, 8]},
 }
 
 
+def tiny_params(name: str, **overrides):
+    return dataclasses.replace(REGISTRY[name].params(), **{**TINY[name], **overrides})
+
+
 def tiny(name: str, **overrides) -> torch.nn.Module:
     torch.manual_seed(0)
-    return build_model(name, len(CLASSES), **{**TINY[name], **overrides}).eval()
+    return build_model(name, len(CLASSES), tiny_params(name, **overrides)).eval()
 
 
 def images(batch: int = 3, seed: int = 0) -> torch.Tensor:
     return torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
 
 
-def attention_of(model: torch.nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+def attention_of(model: torch.nn.Module, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Every layer's attention weights and the head's readout."""
     with torch.no_grad():
-        return model.forward_with_attention(x)[1]
+        _, maps, readout = model.forward_with_attention(x)
+    return maps, readout
 
 
-# --- ViT: CLS attention and rollout ----------------------------------------------------------
+# --- ViT: the readout's attention, and rollout --------------------------------------------------
 
 
 @pytest.mark.parametrize("patch_size", [4, 8, 16])
 def test_rollout_rows_sum_to_one_and_the_cls_map_has_the_patch_grid_shape(patch_size):
     model = tiny("vit", patch_size=patch_size)
-    attention = attention_of(model, images(batch=3))
+    attention, readout = attention_of(model, images(batch=3))
     grid = 32 // patch_size
     n = 1 + grid**2
 
@@ -61,9 +68,12 @@ def test_rollout_rows_sum_to_one_and_the_cls_map_has_the_patch_grid_shape(patch_
     assert (rollout >= 0).all()
     torch.testing.assert_close(rollout.sum(-1), torch.ones(3, n))
 
-    cls_map = explain.cls_rollout(attention, grid)
+    cls_map = explain.rollout_map(attention, readout, grid)
     assert cls_map.shape == (3, grid, grid) == (3, model.grid_size, model.grid_size)
     torch.testing.assert_close(cls_map.sum((1, 2)), torch.ones(3))
+    # With a CLS token the readout is the CLS row: the map is the rollout's CLS row over the patches.
+    expected = rollout[:, 0, 1:] / rollout[:, 0, 1:].sum(-1, keepdim=True)
+    torch.testing.assert_close(cls_map.flatten(1), expected)
 
 
 def _softmax_rows(batch: int, heads: int, n: int, seed: int) -> torch.Tensor:
@@ -86,20 +96,33 @@ def test_rollout_follows_information_through_the_layers():
     layer1, layer2 = torch.eye(n), torch.eye(n)
     layer1[1 + 2] = F.one_hot(torch.tensor(1 + 4), n).float()
     layer2[0] = F.one_hot(torch.tensor(1 + 2), n).float()
-    cls_map = explain.cls_rollout([layer1[None, None], layer2[None, None]], grid=3).flatten()
+    cls = F.one_hot(torch.tensor([0]), n).float()  # a CLS readout
+    cls_map = explain.rollout_map([layer1[None, None], layer2[None, None]], cls, grid=3).flatten()
     assert set(torch.nonzero(cls_map).flatten().tolist()) == {2, 4}
     torch.testing.assert_close(cls_map.sum(), torch.tensor(1.0))
 
 
-def test_cls_attention_is_each_layers_and_heads_own_cls_row():
+def test_a_cls_readouts_attention_is_each_layers_and_heads_own_cls_row():
     model = tiny("vit")
-    attention = attention_of(model, images(batch=2))
-    maps = explain.cls_attention(attention, model.grid_size)
+    attention, readout = attention_of(model, images(batch=2))
+    maps = explain.readout_attention(attention, readout, model.grid_size)
     depth, heads, grid = TINY["vit"]["depth"], TINY["vit"]["num_heads"], model.grid_size
     assert maps.shape == (2, depth, heads, grid, grid)
     for layer in range(depth):
         for head in range(heads):
             torch.testing.assert_close(maps[:, layer, head].flatten(1), attention[layer][:, head, 0, 1:])
+
+
+def test_mean_pooling_reads_the_average_attention_row_and_rollout():
+    model = tiny("vit", pooling="mean")
+    attention, readout = attention_of(model, images(batch=2))
+    grid = model.grid_size
+    assert model.num_prefix_tokens == 0
+    torch.testing.assert_close(readout, torch.full((2, grid**2), 1 / grid**2))
+    maps = explain.readout_attention(attention, readout, grid, prefix=0)
+    torch.testing.assert_close(maps[:, 0, 1].flatten(1), attention[0][:, 1].mean(1))
+    rollout = explain.attention_rollout(attention).mean(1)  # the mean of every token's row
+    torch.testing.assert_close(explain.rollout_map(attention, readout, grid, prefix=0).flatten(1), rollout)
 
 
 # --- CNN: Grad-CAM ------------------------------------------------------------------------
@@ -163,6 +186,9 @@ METRICS = {
 }
 
 
+RECIPES = {"vit": {"optimizer": "adamw", "lr": 0.001, "epochs": 2}, "cnn": {"optimizer": "sgd", "lr": 0.1, "epochs": 2}}
+
+
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Path:
     """Everything the visualize stage reads, tiny and generated; then the stage, run once."""
@@ -173,8 +199,8 @@ def project(tmp_path_factory) -> Path:
     write_prepared(root / "data/prepared", splits, {"dataset": "cifar10", "classes": CLASSES,
                                                      "counts": {k: len(v[1]) for k, v in splits.items()}})
     actual = splits["test"][1]
-    for name in ("vit", "cnn"):
-        config = {"name": name, "num_classes": 10, "kwargs": TINY[name], "classes": CLASSES,
+    for name in MODELS:
+        config = {"name": name, "num_classes": 10, "params": dataclasses.asdict(tiny_params(name)), "classes": CLASSES,
                   "mean": list(FIXED_MEAN), "std": list(FIXED_STD), "best_epoch": 2}
         save_model(tiny(name), root / "models" / name, config)
         write_csv(root / "plots/train" / f"{name}.csv",
@@ -187,7 +213,7 @@ def project(tmp_path_factory) -> Path:
         write_json(root / "metrics" / f"train_{name}.json",
                    {"val_acc": 0.2, "best_epoch": 2, "final_val_acc": 0.2, "epochs": 2, "device": "cpu",
                     "precision": "float32", "train_time_s": METRICS[name]["train_time_s"],
-                    "params": METRICS[name]["params"]})
+                    "params": METRICS[name]["params"], "recipe": RECIPES[name]})
     for name, accuracy in (("vit", lambda i: 0.05 * i), ("cnn", lambda i: 0.9 - 0.05 * i)):
         write_csv(root / "plots/evaluate/per_class" / f"{name}.csv", ["class", "accuracy"],
                   [[c, round(accuracy(i), 6)] for i, c in enumerate(CLASSES)])
@@ -216,18 +242,20 @@ def test_report_lists_what_differs_and_links_every_figure(project):
     report = (project / "plots/report.md").read_text()
     assert "| `vit.depth` | 2 | — |" in report
     assert "| `cnn.channels` | — | [4, 8] |" in report
+    assert "| `optimizer` (recipe) | adamw | sgd |" in report  # what each model was trained with
+    assert "`epochs` (recipe) = 2" in report  # shared by all
     links = re.findall(r"\]\(([^)]+\.png)\)", report)
-    assert {f"images/{stem}.png" for stem in viz.FIGURES} <= set(links)
+    assert {f"images/{stem}.png" for stem in viz.figure_captions(list(REGISTRY.values()))} <= set(links)
     assert any(link.startswith("images/vit_heads/") for link in links)
     for link in links:
         assert (project / "plots" / link).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", link
 
 
 def test_stage_writes_per_model_data_for_dvc_plots(project):
-    for name in ("vit", "cnn"):
+    for name in MODELS:
         with open(project / "plots/compare/tradeoff" / f"{name}.csv", newline="") as f:
             (row,) = list(csv.DictReader(f))
-        assert row["model"] == viz.MODEL_LABELS[name]
+        assert row["model"] == REGISTRY[name].label
         assert {k: row[k] for k in viz.TRADEOFF_FIELDS} == {k: str(METRICS[name][k]) for k in viz.TRADEOFF_FIELDS}
     heads = sorted((project / "plots/images/vit_heads").glob("*.png"))
     assert len(heads) == 3

@@ -1,56 +1,110 @@
-"""The two models: shapes, the seed's exact parameter counts, gradients, attention paths, save/load."""
+"""Every registered model and variant: shapes, gradients, where it looks, save/load; the original
+program's exact models at the defaults; the ViT's attention paths and the CPU dropout."""
 
 from __future__ import annotations
+
+import dataclasses
+import hashlib
 
 import pytest
 import torch
 
+from vitcnn import explain
 from vitcnn.config import Params
-from vitcnn.models import build_model, count_params, load_model, model_kwargs, save_model
+from vitcnn.models import MODELS, REGISTRY
+from vitcnn.models.store import build_model, count_params, load_model, save_model
 
-TINY = {
-    "vit": {"img_size": 32, "patch_size": 4, "embed_dim": 8, "depth": 1, "num_heads": 2, "mlp_ratio": 2.0,
-            "dropout": 0.1},
-    "cnn": {"channels": [4, 8]},
-}
-MODELS = ["vit", "cnn"]
+# Small versions of each registered model (a model without an entry is tested at its defaults).
+TINY = {"vit": {"patch_size": 4, "embed_dim": 8, "depth": 1, "num_heads": 2, "mlp_ratio": 2.0, "stem_channels": 4},
+        "cnn": {"channels": [4, 8]}}
+# Every variant params.yaml can ask for, on top of TINY: each must build, train and show where it looks.
+VARIANTS = [(name, {}) for name in MODELS] + [
+    ("vit", {"stem": "conv", "stem_layers": 2, "pooling": "seq", "drop_path": 0.2}),
+    ("vit", {"stem": "conv", "stem_layers": 1, "pooling": "cls", "attn_dropout": 0.0}),
+    ("vit", {"pooling": "mean", "depth": 2, "drop_path": 0.1}),
+    ("cnn", {"block": "residual"}),
+]
+VARIANT_IDS = [f"{name}-{'-'.join(f'{k}={v}' for k, v in variant.items()) or 'default'}" for name, variant in VARIANTS]
+
+
+def tiny_params(name: str, **overrides):
+    return dataclasses.replace(REGISTRY[name].params(), **{**TINY.get(name, {}), **overrides})
 
 
 def tiny(name: str, num_classes: int = 10, **overrides) -> torch.nn.Module:
     torch.manual_seed(0)
-    return build_model(name, num_classes, **{**TINY[name], **overrides})
+    return build_model(name, num_classes, tiny_params(name, **overrides))
 
 
 def images(batch: int = 3, seed: int = 0) -> torch.Tensor:
     return torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name, variant", VARIANTS, ids=VARIANT_IDS)
 @pytest.mark.parametrize("num_classes", [10, 100])
-def test_output_is_one_logit_per_class(name, num_classes):
-    model = tiny(name, num_classes).eval()
+def test_output_is_one_logit_per_class(name, variant, num_classes):
+    model = tiny(name, num_classes, **variant).eval()
     with torch.no_grad():
         logits = model(images(batch=3))
     assert logits.shape == (3, num_classes)
     assert torch.isfinite(logits).all()
 
 
-@pytest.mark.parametrize("name, expected", [("vit", 1_205_898), ("cnn", 4_694_346)])
-def test_default_params_give_the_seed_models_parameter_count(name, expected):
-    model = build_model(name, 10, **model_kwargs(name, Params()))
-    assert count_params(model) == expected
-    assert sum(p.numel() for p in model.parameters()) == expected
+# sha256 of the state dict built at seed 0 by the original program's models (names and bytes, in order).
+DEFAULT_WEIGHTS = {
+    "vit": (1_205_898, "8dda52d1f53ab4da481df85a7d510d283c24d584e47bf887a4d4ff4547b5e095"),
+    "cnn": (4_694_346, "8685691ba5865ab6a31c2ebd47406d30af76b16d78b805e2221b21f1f029fe10"),
+}
 
 
-@pytest.mark.parametrize("name", MODELS)
-def test_backward_reaches_every_parameter_with_a_finite_gradient(name):
-    model = tiny(name).train()
+@pytest.mark.parametrize("name", DEFAULT_WEIGHTS)
+def test_default_params_give_the_original_models_parameters_and_weights(name):
+    torch.manual_seed(0)
+    model = build_model(name, 10, getattr(Params(), name))
+    count, digest = DEFAULT_WEIGHTS[name]
+    assert count_params(model) == count
+    assert sum(p.numel() for p in model.parameters()) == count
+    h = hashlib.sha256()
+    for key, value in model.state_dict().items():
+        h.update(key.encode())
+        h.update(value.detach().contiguous().numpy().tobytes())
+    assert h.hexdigest() == digest
+
+
+@pytest.mark.parametrize("name, variant", VARIANTS, ids=VARIANT_IDS)
+def test_a_training_step_reaches_every_parameter_with_a_finite_gradient(name, variant):
+    model = tiny(name, **variant).train()
     x, y = images(batch=4), torch.tensor([0, 1, 2, 3])
     torch.nn.functional.cross_entropy(model(x), y).backward()
     for pname, param in model.named_parameters():
         assert param.grad is not None, f"{pname} got no gradient"
         assert torch.isfinite(param.grad).all(), f"{pname} has a non-finite gradient"
-    assert any(p.grad.abs().sum() > 0 for p in model.parameters())
+        assert param.grad.abs().sum() > 0, f"{pname} got a zero gradient"
+
+
+@pytest.mark.parametrize("name, variant", VARIANTS, ids=VARIANT_IDS)
+def test_every_model_shows_where_it_looks(name, variant):
+    model, x = tiny(name, **variant).eval(), images(batch=2)
+    if REGISTRY[name].explains == "attention":
+        with torch.no_grad():
+            logits, maps, readout = model.forward_with_attention(x)
+            torch.testing.assert_close(logits, model(x), atol=1e-5, rtol=1e-4)
+        grid, prefix = model.grid_size, model.num_prefix_tokens
+        assert grid == tiny_params(name, **variant).grid_size(32)
+        n = prefix + grid**2
+        assert all(m.shape == (2, model.blocks[0].attn.num_heads, n, n) for m in maps)
+        torch.testing.assert_close(readout.sum(-1), torch.ones(2))
+        rollout = explain.rollout_map(maps, readout, grid, prefix)
+        assert rollout.shape == (2, grid, grid) and (rollout >= 0).all()
+        torch.testing.assert_close(rollout.sum((1, 2)), torch.ones(2))
+        per_head = explain.readout_attention(maps, readout, grid, prefix)
+        assert per_head.shape == (2, len(maps), maps[0].shape[1], grid, grid)
+    else:
+        cam = explain.gradcam(model, x, torch.tensor([1, 2]))
+        assert cam.shape == (2, 32, 32) and (cam >= 0).all()
+        blocks = model.feature_maps(x)
+        assert [m.shape[-1] for m in blocks] == [32 >> (i + 1) for i in range(len(blocks))]
+        assert torch.equal(blocks[-1], model.forward_features(x))
 
 
 def _set_fused(model: torch.nn.Module, fused: bool) -> None:
@@ -78,9 +132,7 @@ def test_vit_attention_maps_are_row_stochastic_per_layer_and_head(patch_size, de
     x = images(batch=2)
     grid = 32 // patch_size
     with torch.no_grad():
-        logits, maps = model.forward_with_attention(x)
-        plain = model(x)
-    assert torch.allclose(logits, plain, atol=1e-5, rtol=1e-4)
+        _, maps, _ = model.forward_with_attention(x)
     assert len(maps) == depth
     for layer in maps:
         assert layer.shape == (2, heads, 1 + grid**2, 1 + grid**2)
@@ -88,9 +140,21 @@ def test_vit_attention_maps_are_row_stochastic_per_layer_and_head(patch_size, de
         assert torch.allclose(layer.sum(-1), torch.ones(2, heads, 1 + grid**2), atol=1e-5)
 
 
-@pytest.mark.parametrize("name", MODELS)
-def test_saved_model_reproduces_the_same_logits(name, tmp_path):
-    model = tiny(name)
+def test_stochastic_depth_drops_whole_samples_in_training_only():
+    from vitcnn.models.layers import DropPath
+
+    torch.manual_seed(0)
+    drop, x = DropPath(0.5), torch.ones(2000, 3, 4)
+    y = drop.train()(x)
+    kept = y.flatten(1).amax(1) > 0
+    assert torch.equal(y[kept], torch.full_like(y[kept], 2.0)) and torch.equal(y[~kept], torch.zeros_like(y[~kept]))
+    assert abs(kept.float().mean().item() - 0.5) < 0.05
+    assert torch.equal(drop.eval()(x), x)
+
+
+@pytest.mark.parametrize("name, variant", VARIANTS, ids=VARIANT_IDS)
+def test_saved_model_reproduces_the_same_logits(name, variant, tmp_path):
+    model = tiny(name, **variant)
     # A few training steps so that the weights and the BatchNorm running statistics
     # differ from a freshly built model: loading must restore all of them.
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -103,8 +167,8 @@ def test_saved_model_reproduces_the_same_logits(name, tmp_path):
     x = images(batch=3, seed=99)
     with torch.no_grad():
         expected = model(x)
-    kwargs = {k: v for k, v in TINY[name].items()}
-    save_model(model, tmp_path / name, {"name": name, "num_classes": 10, "kwargs": kwargs})
+    save_model(model, tmp_path / name, {"name": name, "num_classes": 10,
+                                        "params": dataclasses.asdict(tiny_params(name, **variant))})
 
     loaded, config = load_model(tmp_path / name)
     assert config["name"] == name
@@ -112,7 +176,7 @@ def test_saved_model_reproduces_the_same_logits(name, tmp_path):
     with torch.no_grad():
         got = loaded(x)
     assert torch.equal(got, expected)
-    fresh = tiny(name).eval()
+    fresh = tiny(name, **variant).eval()
     with torch.no_grad():
         assert not torch.allclose(fresh(x), expected)  # the comparison above is not vacuous
 

@@ -175,7 +175,7 @@ def test_experiment_on_a_vit_param_reruns_only_what_depends_on_it(project):
     # ... and the ViT was retrained with the new depth: one more block, more parameters.
     vit_before, vit_after = json.loads(before["train_vit.json"]), read_json(repo / "metrics" / "train_vit.json")
     assert vit_after["params"] > vit_before["params"]
-    assert read_json(repo / "models" / "vit" / "config.json")["kwargs"]["depth"] == 2
+    assert read_json(repo / "models" / "vit" / "config.json")["params"]["depth"] == 2
     assert read_json(repo / "metrics" / "evaluate.json")["vit"]["params"] == vit_after["params"]
 
     # The experiment is recorded against the committed baseline, with its param and metrics.
@@ -191,3 +191,19 @@ def test_experiment_on_a_vit_param_reruns_only_what_depends_on_it(project):
 
 def _exp_value(entry: dict, kind: str, filename: str) -> dict:
     return entry["data"][kind][filename]["data"]
+
+
+def test_a_vit_recipe_key_reruns_only_the_vits_training_and_what_depends_on_it(project):
+    repo, env = project["repo"], project["env"]
+    cnn_before = (repo / "metrics" / "train_cnn.json").read_bytes()
+    result = dvc("exp", "run", "-S", "vit.recipe.lr=0.002", cwd=repo, env=env, timeout=600)
+    out = result.stdout + result.stderr
+    assert "Stage 'prepare' didn't change, skipping" in out, out
+    assert "Stage 'train_cnn' didn't change, skipping" in out, out
+    assert "Running stage 'train_vit'" in out and "Running stage 'evaluate'" in out, out
+    assert (repo / "metrics" / "train_cnn.json").read_bytes() == cnn_before
+    # What each model was trained with is in its training metrics, which dvc exp show lists.
+    assert read_json(repo / "metrics" / "train_vit.json")["recipe"]["lr"] == 0.002
+    assert read_json(repo / "metrics" / "train_cnn.json")["recipe"]["lr"] == 0.0003
+    history = read_csv(repo / "plots" / "train" / "vit.csv")
+    assert float(history[0]["lr"]) == 0.002

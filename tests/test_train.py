@@ -9,14 +9,19 @@ import pytest
 import torch
 
 from conftest import random_images
-from vitcnn.config import TrainConfig
+from vitcnn.config import Recipe, TrainConfig
 from vitcnn.data import FIXED_MEAN, FIXED_STD, BatchLoader, Split
-from vitcnn.models import build_model
+from vitcnn.models import REGISTRY
+from vitcnn.models.store import build_model
 from vitcnn.runtime import maybe_compile, predict
-from vitcnn.train import TrainingError, fit
+from vitcnn.train import EMA, TrainingError, fit, lr_at, make_optimizer, train_step
 
 CPU = torch.device("cpu")
 TINY = {"vit": {"embed_dim": 8, "depth": 1, "num_heads": 2, "mlp_ratio": 2.0}, "cnn": {"channels": [4, 8]}}
+
+
+def tiny(name: str, **overrides) -> torch.nn.Module:
+    return build_model(name, 10, dataclasses.replace(REGISTRY[name].params(), **{**TINY[name], **overrides}))
 MEAN, STD = list(FIXED_MEAN), list(FIXED_STD)
 
 
@@ -35,7 +40,7 @@ def config(**overrides) -> TrainConfig:
 
 def train(name: str, seed: int = 0, **overrides):
     torch.manual_seed(seed)
-    model = build_model(name, 10, **TINY[name])
+    model = tiny(name)
     result = fit(model, TRAIN, VAL, config(**overrides), MEAN, STD, CPU, seed, name=name)
     return model, result
 
@@ -84,10 +89,120 @@ def test_cosine_schedule_decays_once_per_epoch_and_constant_does_not():
 
 
 def test_non_finite_loss_stops_training_with_a_user_error():
-    model = build_model("cnn", 10, **TINY["cnn"])
+    model = tiny("cnn")
     with pytest.raises(TrainingError, match="not finite"):
         # A zero std turns every input into inf/nan: the loss cannot be finite.
         fit(model, TRAIN, VAL, config(epochs=1), MEAN, [0.0, 0.0, 0.0], CPU, 0, name="cnn")
+
+
+# --- recipes -----------------------------------------------------------------------------------
+
+
+def test_the_default_recipe_is_the_original_programs_loop():
+    # The original program's loop, written out: AdamW on every parameter, cosine annealing of
+    # the learning rate once per epoch, crop + flip, the mean cross-entropy.
+    epochs = 3
+    torch.manual_seed(0)
+    reference = tiny("cnn").to(memory_format=torch.channels_last)
+    optimizer = torch.optim.AdamW(reference.parameters(), lr=3e-3, weight_decay=0.05, fused=True)
+    loader = BatchLoader(TRAIN, 16, CPU, MEAN, STD, shuffle=True, crop_padding=4, flip=True,
+                         generator=torch.Generator().manual_seed(0))
+    for epoch in range(epochs):
+        for group in optimizer.param_groups:
+            group["lr"] = 3e-3 * 0.5 * (1 + np.cos(np.pi * epoch / epochs))
+        reference.train()
+        for x, y in loader:
+            optimizer.zero_grad()
+            torch.nn.functional.cross_entropy(reference(x), y).backward()
+            optimizer.step()
+    model, _ = train("cnn", epochs=epochs, select="last")
+    for key, value in reference.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[key], value, rtol=1e-5, atol=1e-6, msg=key)
+
+
+STEPS = 10  # per epoch, in the schedule tests
+
+
+def test_warmup_rises_linearly_to_the_peak_at_its_last_step():
+    cfg = Recipe(epochs=10, lr=0.4, warmup=0.2, lr_step="batch", schedule="linear")
+    assert [lr_at(s, STEPS, cfg) for s in (0, 9, 19)] == pytest.approx([0.02, 0.2, 0.4])
+    # One-cycle: then linearly down to 0 at the end of the run.
+    assert lr_at(20, STEPS, cfg) == pytest.approx(0.4)
+    assert lr_at(60, STEPS, cfg) == pytest.approx(0.2)  # half way through the 80 steps after warmup
+    assert lr_at(99, STEPS, cfg) == pytest.approx(0.4 / 80)
+    assert all(a <= b for a, b in zip(*[[lr_at(s, STEPS, cfg) for s in r] for r in (range(0, 20), range(1, 21))]))
+
+
+def test_cosine_per_batch_reaches_half_the_peak_half_way_after_warmup():
+    cfg = Recipe(epochs=5, lr=1.0, warmup=0.2, lr_step="batch", schedule="cosine")
+    assert lr_at(10, STEPS, cfg) == pytest.approx(1.0)
+    assert lr_at(30, STEPS, cfg) == pytest.approx(0.5)
+    assert lr_at(49, STEPS, cfg) == pytest.approx(0.5 * (1 + np.cos(np.pi * 39 / 40)))
+
+
+def test_per_epoch_stepping_keeps_one_rate_through_each_epoch():
+    cfg = Recipe(epochs=4, lr=1.0, lr_step="epoch", schedule="cosine")
+    assert [lr_at(s, STEPS, cfg) for s in range(10, 20)] == [pytest.approx(0.5 * (1 + np.cos(np.pi / 4)))] * 10
+    assert lr_at(37, STEPS, Recipe(epochs=4, lr=1.0, schedule="constant")) == 1.0
+
+
+def test_the_ema_is_the_hand_computed_average_of_the_weights():
+    model = torch.nn.Linear(2, 1, bias=False)
+    ema = EMA(model, decay=0.5)
+    seen = [model.weight.detach().clone()]
+    for value in (1.0, 2.0, 3.0):
+        with torch.no_grad():
+            model.weight.fill_(value)
+        ema.update()
+        seen.append(model.weight.detach().clone())
+    decays = [min(0.5, (1 + t) / (10 + t)) for t in (1, 2, 3)]  # 2/11, 3/12, 4/13: rising towards 0.5
+    expected = seen[0]
+    for d, current in zip(decays, seen[1:]):
+        expected = d * expected + (1 - d) * current
+    torch.testing.assert_close(ema.model.weight, expected)
+    assert not ema.model.weight.requires_grad
+
+
+def test_ema_weights_are_validated_and_kept():
+    model, plain = train("cnn", epochs=2, select="last")
+    _, averaged = train("cnn", epochs=2, select="last", ema=0.9)
+    # Same training (the EMA only reads the weights), different weights kept.
+    assert [r["train_loss"] for r in averaged.history] == [r["train_loss"] for r in plain.history]
+    assert not all(torch.equal(averaged.state[k], plain.state[k]) for k in plain.state)
+    model.load_state_dict(averaged.state)
+    logits = predict(model, BatchLoader(VAL, 10, CPU, MEAN, STD), torch.float32)
+    acc = (logits.argmax(1) == VAL.labels).float().mean().item()
+    assert acc == pytest.approx(averaged.history[-1]["val_acc"], abs=1e-6)
+
+
+def test_weight_decay_on_matrices_leaves_norms_biases_and_embeddings_alone():
+    model = tiny("vit")
+    groups = make_optimizer(model, Recipe(decay="matrices", weight_decay=0.1)).param_groups
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for p in groups[0]["params"]}
+    kept = {names[id(p)] for p in groups[1]["params"]}
+    assert groups[0]["weight_decay"] == 0.1 and groups[1]["weight_decay"] == 0.0
+    assert decayed | kept == set(names.values()) and not decayed & kept
+    assert {"head.weight", "blocks.0.attn.qkv.weight", "patch_embed.proj.weight"} <= decayed
+    assert {"head.bias", "blocks.0.norm1.weight", "pos_embed", "cls_token"} <= kept
+    assert len(make_optimizer(model, Recipe(decay="all")).param_groups) == 1
+
+
+def test_sgd_clipping_and_label_smoothing_act_in_the_step():
+    torch.manual_seed(0)
+    model = tiny("cnn")
+    cfg = Recipe(optimizer="sgd", lr=0.1, momentum=0.9, grad_clip=0.01, label_smoothing=0.2)
+    optimizer = make_optimizer(model, cfg)
+    assert isinstance(optimizer, torch.optim.SGD) and optimizer.param_groups[0]["nesterov"]
+    x, y = next(iter(BatchLoader(TRAIN, 16, CPU, MEAN, STD)))
+    with torch.no_grad():
+        logits = model.train()(x)  # what the step will see (batch norm uses the batch's statistics)
+    loss, _ = train_step(model, optimizer, x, y, torch.float32, cfg)
+    grads = [p.grad for p in model.parameters()]
+    assert torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])) <= 0.01 * (1 + 1e-5)
+    smoothed = torch.nn.functional.cross_entropy(logits, y, label_smoothing=0.2)
+    assert loss.item() == pytest.approx(smoothed.item(), rel=1e-5)
+    assert loss.item() != pytest.approx(torch.nn.functional.cross_entropy(logits, y).item(), rel=1e-3)
 
 
 # --- torch.compile (the default on CUDA), exercised on the CPU ----------------------------
@@ -97,11 +212,11 @@ def test_non_finite_loss_stops_training_with_a_user_error():
 @pytest.mark.parametrize("name", ["vit", "cnn"])
 def test_compiled_training_computes_what_eager_training_does(name):
     # Without dropout: compiled code draws its dropout masks differently, by design.
-    kwargs = {**TINY[name], "dropout": 0.0} if name == "vit" else TINY[name]
+    no_dropout = {"dropout": 0.0, "attn_dropout": 0.0} if name == "vit" else {}
     runs, logits = {}, {}
     for mode in ("off", "on"):
         torch.manual_seed(0)
-        model = build_model(name, 10, **kwargs)
+        model = tiny(name, **no_dropout)
         runs[mode] = fit(model, TRAIN, VAL, config(epochs=2, compile=mode), MEAN, STD, CPU, 0, name=name)
         model.load_state_dict(runs[mode].state)
         logits[mode] = predict(model, BatchLoader(VAL, 10, CPU, MEAN, STD), torch.float32)
@@ -118,7 +233,7 @@ def test_compiled_training_computes_what_eager_training_does(name):
 @pytest.mark.parametrize("name", ["vit", "cnn"])  # the ViT draws dropout masks; the CNN has batch norm
 def test_compiling_leaves_weights_buffers_gradients_and_random_state_untouched(name):
     torch.manual_seed(0)
-    model = build_model(name, 10, **TINY[name])
+    model = tiny(name)
     loader = BatchLoader(TRAIN, 16, CPU, MEAN, STD)
     before = {k: v.clone() for k, v in model.state_dict().items()}  # weights and batch norm statistics
     rng = torch.get_rng_state()
@@ -130,7 +245,7 @@ def test_compiling_leaves_weights_buffers_gradients_and_random_state_untouched(n
 
 
 def test_compile_is_off_on_cpu_unless_asked_for():
-    model = build_model("cnn", 10, **TINY["cnn"])
+    model = tiny("cnn")
     example = BatchLoader(TRAIN, 16, CPU, MEAN, STD).example()
     assert maybe_compile(model, "auto", CPU, example, torch.float32) is model
     assert maybe_compile(model, "off", CPU, example, torch.float32) is model
@@ -152,7 +267,7 @@ def _stop_after(epoch: int):
 
 def _fit(name, checkpoint, fingerprint="run-a", on_epoch=None, **overrides):
     torch.manual_seed(0)
-    model = build_model(name, 10, **TINY[name])
+    model = tiny(name)
     return fit(model, TRAIN, VAL, config(**overrides), MEAN, STD, CPU, 0, name=name, on_epoch=on_epoch,
                checkpoint=checkpoint, fingerprint=fingerprint)
 
@@ -164,14 +279,17 @@ def _same_run(a, b):
     assert all(torch.equal(a.state[k], b.state[k]) for k in a.state)
 
 
-@pytest.mark.parametrize("name, select", [("vit", "last"), ("cnn", "last"), ("cnn", "best_val")])
-def test_interrupted_run_resumes_to_the_same_weights(name, select, tmp_path):
+@pytest.mark.parametrize("name, select, recipe", [
+    ("vit", "last", {}), ("cnn", "last", {}), ("cnn", "best_val", {}),
+    ("cnn", "best_val", {"ema": 0.9, "optimizer": "sgd", "lr_step": "batch", "warmup": 0.4}),
+])
+def test_interrupted_run_resumes_to_the_same_weights(name, select, recipe, tmp_path):
     checkpoint = tmp_path / "ckpt" / "last.pt"
-    uninterrupted = _fit(name, tmp_path / "other" / "last.pt", epochs=4, select=select)
+    uninterrupted = _fit(name, tmp_path / "other" / "last.pt", epochs=4, select=select, **recipe)
     with pytest.raises(Interrupt):
-        _fit(name, checkpoint, on_epoch=_stop_after(2), epochs=4, select=select)
+        _fit(name, checkpoint, on_epoch=_stop_after(2), epochs=4, select=select, **recipe)
     assert checkpoint.is_file()
-    resumed = _fit(name, checkpoint, epochs=4, select=select)
+    resumed = _fit(name, checkpoint, epochs=4, select=select, **recipe)
     assert resumed.resumed_from == 2
     assert [r["epoch"] for r in resumed.history] == [1, 2, 3, 4]
     _same_run(resumed, uninterrupted)

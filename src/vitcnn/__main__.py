@@ -1,6 +1,7 @@
 """The `vitcnn` command (installed with the package; also `python -m vitcnn`).
 
     vitcnn study run|wait|summarize ...   many experiments on DVC's queue, one honest summary
+    vitcnn recipe NAME | --list           a named recipe as `-S key=value` flags for dvc exp run
 
 The pipeline itself runs with `dvc repro` / `dvc exp run`; this command works around it.
 """
@@ -10,10 +11,30 @@ from __future__ import annotations
 import argparse
 import sys
 
+from vitcnn import recipes
 from vitcnn.errors import UserError
 from vitcnn.study import cli as study_cli
 
-GROUPS = {"study": study_cli.add_parser}
+
+def add_recipe_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("recipe", help="print a named recipe (recipes/<name>.yaml) as -S flags",
+                                   description="Print recipes/NAME.yaml as `-S key=value` flags: "
+                                   "dvc exp run -n strong $(vitcnn recipe strong)")
+    parser.add_argument("name", nargs="?", help="the recipe's name (the file's stem)")
+    parser.add_argument("--list", action="store_true", help="list the recipes, one line each")
+    parser.set_defaults(handler=recipe_command)
+
+
+def recipe_command(args: argparse.Namespace) -> int:
+    if args.list or not args.name:
+        for name, description in recipes.available().items():
+            print(f"{name}: {description}")
+        return 0
+    print(" ".join(recipes.flags(args.name)))
+    return 0
+
+
+GROUPS = {"study": study_cli.add_parser, "recipe": add_recipe_parser}
 
 
 def main(argv: list[str] | None = None) -> int:

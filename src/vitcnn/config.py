@@ -17,7 +17,9 @@ from typing import Any, Literal
 
 import yaml
 
-from vitcnn.errors import ConfigError
+from vitcnn.errors import ConfigError, require
+from vitcnn.models import REGISTRY
+from vitcnn.models.spec import ModelSpec
 
 IMAGE_SIZE = 32  # CIFAR images are 32x32; every supported dataset has this size
 NUM_CLASSES = {"cifar10": 10, "cifar100": 100}
@@ -33,15 +35,32 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class Recipe:
+    """How a model is trained. `train.*` is the recipe both models share (the original
+    program's at the defaults); `<model>.recipe.*` overrides any of it for one model."""
+
     epochs: int = 20
     batch_size: int = 128
-    lr: float = 3.0e-4
+    optimizer: Literal["adamw", "sgd"] = "adamw"  # sgd: with Nesterov momentum
+    lr: float = 3.0e-4  # the peak learning rate
+    momentum: float = 0.9  # sgd only
     weight_decay: float = 0.05
-    schedule: Literal["cosine", "constant"] = "cosine"
+    decay: Literal["all", "matrices"] = "all"  # matrices: not norms, biases, embeddings or tokens
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"  # after warmup, towards 0 (but constant)
+    lr_step: Literal["epoch", "batch"] = "epoch"  # when the learning rate changes (epoch: the original program's)
+    warmup: float = 0.0  # the fraction of the run spent warming up linearly from 0; + `linear` = one-cycle
+    grad_clip: float = 0.0  # clip the gradients' global norm to this; 0 = off
+    label_smoothing: float = 0.0
+    ema: float = 0.0  # decay of an exponential moving average of the weights, e.g. 0.999; 0 = off
     crop_padding: int = 4  # random crop with this zero padding; 0 turns it off
     flip: bool = True  # random horizontal flip
-    normalization: Literal["fixed", "measured"] = "fixed"  # fixed = the seed's CIFAR-10 constants
+
+
+@dataclass(frozen=True)
+class TrainConfig(Recipe):
+    """The shared recipe, and how every training run runs."""
+
+    normalization: Literal["fixed", "measured"] = "fixed"  # fixed = the original program's CIFAR-10 constants
     select: Literal["best_val", "last"] = "best_val"  # which epoch's weights to keep
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     compile: Literal["auto", "on", "off"] = "auto"
@@ -49,19 +68,17 @@ class TrainConfig:
     eval_batch_size: int = 1000
 
 
-@dataclass(frozen=True)
-class ViTConfig:
-    patch_size: int = 4
-    embed_dim: int = 128
-    depth: int = 6
-    num_heads: int = 4
-    mlp_ratio: float = 4.0
-    dropout: float = 0.1
+# <model>.recipe: every recipe key, null (the shared value) unless set for this model.
+RecipeOverrides = dataclasses.make_dataclass(
+    "RecipeOverrides", [(name, typing.Optional[hint], None) for name, hint in typing.get_type_hints(Recipe).items()],
+    frozen=True)
 
 
-@dataclass(frozen=True)
-class CNNConfig:
-    channels: list[int] = field(default_factory=lambda: [64, 128, 256, 512])
+def _model_section(spec: ModelSpec) -> type:
+    """A model's params.yaml section: its own params (from the registry) and its `recipe` overrides."""
+    return dataclasses.make_dataclass(f"{spec.params.__name__}Section",
+                                      [("recipe", RecipeOverrides, field(default_factory=RecipeOverrides))],
+                                      bases=(spec.params,), frozen=True)
 
 
 @dataclass(frozen=True)
@@ -81,16 +98,23 @@ class VisualizeConfig:
     dpi: int = 120
 
 
-@dataclass(frozen=True)
-class Params:
-    seed: int = 0
-    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
-    data: DataConfig = field(default_factory=DataConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    vit: ViTConfig = field(default_factory=ViTConfig)
-    cnn: CNNConfig = field(default_factory=CNNConfig)
-    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
-    visualize: VisualizeConfig = field(default_factory=VisualizeConfig)
+Params = dataclasses.make_dataclass("Params", [
+    ("seed", int, 0),
+    ("device", Literal["auto", "cpu", "cuda", "mps"], "auto"),
+    ("data", DataConfig, field(default_factory=DataConfig)),
+    ("train", TrainConfig, field(default_factory=TrainConfig)),
+    *((name, section, field(default_factory=section)) for name, section in
+      ((spec.name, _model_section(spec)) for spec in REGISTRY.values())),
+    ("evaluate", EvaluateConfig, field(default_factory=EvaluateConfig)),
+    ("visualize", VisualizeConfig, field(default_factory=VisualizeConfig)),
+], frozen=True)
+Params.__doc__ = "Every section of params.yaml; one section per registered model, named after it."
+
+
+def recipe_for(params: Any, name: str) -> TrainConfig:
+    """The recipe model `name` trains with: train.*, with the keys its `recipe` sets replaced."""
+    overrides = {k: v for k, v in dataclasses.asdict(getattr(params, name).recipe).items() if v is not None}
+    return dataclasses.replace(params.train, **overrides)
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:
@@ -156,6 +180,9 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
 
 def _coerce(key: str, value: Any, hint: Any) -> Any:
     origin = typing.get_origin(hint)
+    if origin is typing.Union:  # Optional[X]: null, or an X
+        (inner,) = [arg for arg in typing.get_args(hint) if arg is not type(None)]
+        return None if value is None else _coerce(key, value, inner)
     if origin is Literal:
         allowed = typing.get_args(hint)
         if value not in allowed:
@@ -191,42 +218,42 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
     raise TypeError(f"unsupported type for {key}: {hint}")  # a bug in this module, not in params
 
 
-def _require(ok: bool, key: str, value: Any, allowed: str) -> None:
-    if not ok:
-        raise ConfigError(f"{key}: {value!r} is not allowed; {allowed}")
-
-
-def _check_values(p: Params) -> None:
+def _check_values(p: Any) -> None:
     """Range and cross-field checks that types alone cannot express."""
-    d, t, v, c, e, vis = p.data, p.train, p.vit, p.cnn, p.evaluate, p.visualize
-    _require(p.seed >= 0, "seed", p.seed, "use an integer >= 0")
-    _require(d.source.strip() != "", "data.source", d.source, "use 'download' or a path to the data")
-    _require(d.val_size >= 1, "data.val_size", d.val_size, "use an integer >= 1")
-    _require(d.subset >= 0, "data.subset", d.subset, "use 0 (all training images) or a positive count")
-    _require(d.split_seed >= 0, "data.split_seed", d.split_seed, "use an integer >= 0")
-    _require(t.epochs >= 1, "train.epochs", t.epochs, "use an integer >= 1")
-    _require(t.batch_size >= 1, "train.batch_size", t.batch_size, "use an integer >= 1")
-    _require(t.eval_batch_size >= 1, "train.eval_batch_size", t.eval_batch_size, "use an integer >= 1")
-    _require(t.lr > 0, "train.lr", t.lr, "use a number > 0")
-    _require(t.weight_decay >= 0, "train.weight_decay", t.weight_decay, "use a number >= 0")
-    _require(0 <= t.crop_padding <= IMAGE_SIZE, "train.crop_padding", t.crop_padding, f"use 0..{IMAGE_SIZE}")
-    _require(v.patch_size >= 1 and IMAGE_SIZE % v.patch_size == 0, "vit.patch_size", v.patch_size,
-             f"the image size {IMAGE_SIZE} must be divisible by it (1, 2, 4, 8, 16, 32)")
-    _require(v.embed_dim >= 1, "vit.embed_dim", v.embed_dim, "use an integer >= 1")
-    _require(v.num_heads >= 1 and v.embed_dim % v.num_heads == 0, "vit.num_heads", v.num_heads,
-             f"vit.embed_dim ({v.embed_dim}) must be divisible by it")
-    _require(v.depth >= 1, "vit.depth", v.depth, "use an integer >= 1")
-    _require(v.mlp_ratio > 0, "vit.mlp_ratio", v.mlp_ratio, "use a number > 0")
-    _require(0 <= v.dropout < 1, "vit.dropout", v.dropout, "use a number in [0, 1)")
-    _require(len(c.channels) >= 1 and all(ch >= 1 for ch in c.channels), "cnn.channels", c.channels,
-             "use a non-empty list of positive integers")
-    _require(2 ** len(c.channels) <= IMAGE_SIZE, "cnn.channels", c.channels,
-             f"each block halves the image; at most {IMAGE_SIZE.bit_length() - 1} blocks fit {IMAGE_SIZE}x{IMAGE_SIZE}")
-    _require(e.batch_size >= 1, "evaluate.batch_size", e.batch_size, "use an integer >= 1")
-    _require(e.throughput_batches >= 1, "evaluate.throughput_batches", e.throughput_batches, "use an integer >= 1")
-    _require(e.latency_runs >= 1, "evaluate.latency_runs", e.latency_runs, "use an integer >= 1")
-    _require(vis.num_images >= 1, "visualize.num_images", vis.num_images, "use an integer >= 1")
-    _require(vis.feature_channels >= 1, "visualize.feature_channels", vis.feature_channels, "use an integer >= 1")
-    _require(vis.mistakes >= 1, "visualize.mistakes", vis.mistakes, "use an integer >= 1")
-    _require(vis.dpi >= 30, "visualize.dpi", vis.dpi, "use an integer >= 30")
+    d, e, vis = p.data, p.evaluate, p.visualize
+    require(p.seed >= 0, "seed", p.seed, "use an integer >= 0")
+    require(d.source.strip() != "", "data.source", d.source, "use 'download' or a path to the data")
+    require(d.val_size >= 1, "data.val_size", d.val_size, "use an integer >= 1")
+    require(d.subset >= 0, "data.subset", d.subset, "use 0 (all training images) or a positive count")
+    require(d.split_seed >= 0, "data.split_seed", d.split_seed, "use an integer >= 0")
+    require(p.train.eval_batch_size >= 1, "train.eval_batch_size", p.train.eval_batch_size, "use an integer >= 1")
+    _check_recipe(p.train, lambda k: f"train.{k}")
+    for name in REGISTRY:
+        section = getattr(p, name)
+        section.check(name, IMAGE_SIZE)
+        overridden = {k for k, v in dataclasses.asdict(section.recipe).items() if v is not None}
+        _check_recipe(recipe_for(p, name), lambda k: f"{name}.recipe.{k}" if k in overridden else f"train.{k}")
+    require(e.batch_size >= 1, "evaluate.batch_size", e.batch_size, "use an integer >= 1")
+    require(e.throughput_batches >= 1, "evaluate.throughput_batches", e.throughput_batches, "use an integer >= 1")
+    require(e.latency_runs >= 1, "evaluate.latency_runs", e.latency_runs, "use an integer >= 1")
+    require(vis.num_images >= 1, "visualize.num_images", vis.num_images, "use an integer >= 1")
+    require(vis.feature_channels >= 1, "visualize.feature_channels", vis.feature_channels, "use an integer >= 1")
+    require(vis.mistakes >= 1, "visualize.mistakes", vis.mistakes, "use an integer >= 1")
+    require(vis.dpi >= 30, "visualize.dpi", vis.dpi, "use an integer >= 30")
 
+
+def _check_recipe(r: Recipe, key: typing.Callable[[str], str]) -> None:
+    """A recipe's values; `key` names where each came from (train.lr, or vit.recipe.lr)."""
+    require(r.epochs >= 1, key("epochs"), r.epochs, "use an integer >= 1")
+    require(r.batch_size >= 1, key("batch_size"), r.batch_size, "use an integer >= 1")
+    require(r.lr > 0, key("lr"), r.lr, "use a number > 0")
+    require(0 <= r.momentum < 1, key("momentum"), r.momentum, "use a number in [0, 1)")
+    require(r.optimizer != "sgd" or r.momentum > 0, key("momentum"), r.momentum,
+            "Nesterov momentum (optimizer: sgd) needs a momentum > 0, e.g. 0.9")
+    require(r.weight_decay >= 0, key("weight_decay"), r.weight_decay, "use a number >= 0")
+    require(0 <= r.warmup < 1, key("warmup"), r.warmup,
+            "use a fraction of the run in [0, 1): a warmup cannot be as long as the run")
+    require(r.grad_clip >= 0, key("grad_clip"), r.grad_clip, "use a number > 0 (the largest gradient norm) or 0 (off)")
+    require(0 <= r.label_smoothing < 1, key("label_smoothing"), r.label_smoothing, "use a number in [0, 1)")
+    require(r.ema == 0 or 0 < r.ema < 1, key("ema"), r.ema, "use 0 (off) or a decay in (0, 1), e.g. 0.999")
+    require(0 <= r.crop_padding <= IMAGE_SIZE, key("crop_padding"), r.crop_padding, f"use 0..{IMAGE_SIZE}")

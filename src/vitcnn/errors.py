@@ -1,5 +1,7 @@
 """Errors a user can fix: stage scripts print them as one line, without a traceback."""
 
+from __future__ import annotations
+
 
 class UserError(Exception):
     """Something in the user's params, data or environment that they can correct."""
@@ -13,6 +15,12 @@ class ConfigError(UserError):
 
 class DataError(UserError):
     """A dataset source that is missing, corrupt, unsafe or of an unknown layout."""
+
+
+def require(ok: bool, key: str, value: object, allowed: str) -> None:
+    """Raise ConfigError naming `key`, its `value` and what is `allowed`, unless `ok`."""
+    if not ok:
+        raise ConfigError(f"{key}: {value!r} is not allowed; {allowed}")
 
 
 def first_line(exc: BaseException) -> str:

@@ -1,7 +1,12 @@
-"""Where a model looks: CLS attention and attention rollout for the ViT, Grad-CAM for the CNN.
+"""Where a model looks: the readout's attention and attention rollout for a ViT, Grad-CAM for a CNN.
 
 Pure torch functions on tensors the models already give (`forward_with_attention`,
 `forward_features` / `forward_head`); the figures live in `vitcnn.visualize`.
+
+A ViT's head reads its tokens through a readout, (B, N) weights over the output tokens:
+one-hot on the CLS token, uniform for mean pooling, learned for sequence pooling. The maps
+below are that readout's view, so they work for every pooling: with a CLS token they are
+the CLS token's attention and the CLS row of the rollout.
 """
 
 from __future__ import annotations
@@ -11,16 +16,18 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-def cls_attention(attentions: list[torch.Tensor], grid: int) -> torch.Tensor:
-    """The CLS token's attention to each patch, per layer and head, as (B, layers, heads, grid, grid).
+def readout_attention(attentions: list[torch.Tensor], readout: torch.Tensor, grid: int, prefix: int = 1) -> torch.Tensor:
+    """The readout's attention to each patch, per layer and head, as (B, layers, heads, grid, grid).
 
-    attentions: one (B, heads, N, N) softmax matrix per layer, N = 1 + grid**2 (CLS first).
-    The weights are as the model computed them; the CLS token's attention to itself is left
-    out, so a map sums to at most 1.
+    attentions: one (B, heads, N, N) softmax matrix per layer, N = prefix + grid**2 (the CLS
+    token first, if any). readout: (B, N). Each layer's attention rows are mixed with the
+    readout's weights (for a CLS readout: the CLS token's own row); the columns of prefix
+    tokens are left out, so a map sums to at most 1.
     """
     weights = torch.stack(attentions, dim=1)  # (B, layers, heads, N, N)
     B, layers, heads = weights.shape[:3]
-    return weights[..., 0, 1:].reshape(B, layers, heads, grid, grid)
+    rows = torch.einsum("bn,blhnm->blhm", readout.to(weights.dtype), weights)  # (B, layers, heads, N)
+    return rows[..., prefix:].reshape(B, layers, heads, grid, grid)
 
 
 def attention_rollout(attentions: list[torch.Tensor]) -> torch.Tensor:
@@ -39,13 +46,14 @@ def attention_rollout(attentions: list[torch.Tensor]) -> torch.Tensor:
     return rollout
 
 
-def cls_rollout(attentions: list[torch.Tensor], grid: int) -> torch.Tensor:
-    """The CLS row of the rollout over the patches, renormalised to sum to 1: (B, grid, grid).
+def rollout_map(attentions: list[torch.Tensor], readout: torch.Tensor, grid: int, prefix: int = 1) -> torch.Tensor:
+    """The readout's row of the rollout over the patches, renormalised to sum to 1: (B, grid, grid).
 
-    The share the CLS token keeps of its own input embedding is dropped, so the map reads
-    as "which fraction of the patch information the classifier's token draws on each patch".
+    The share the prefix tokens keep (the CLS token's own input embedding) is dropped, so the
+    map reads as "which fraction of the patch information the classifier draws on each patch".
     """
-    patches = attention_rollout(attentions)[:, 0, 1:]  # (B, grid**2)
+    rows = torch.einsum("bn,bnm->bm", readout.to(attentions[0].dtype), attention_rollout(attentions))  # (B, N)
+    patches = rows[:, prefix:]
     patches = patches / patches.sum(-1, keepdim=True)
     return patches.reshape(-1, grid, grid)  # (B, grid, grid)
 

@@ -1,20 +1,29 @@
-"""One training loop for every model: AdamW, a per-epoch schedule, validation each epoch.
+"""One training loop for every model and recipe, and validation each epoch.
 
-The recipe at the default params is the seed's: AdamW (lr 3e-4, weight decay 0.05 on
-every parameter), cosine annealing stepped once per epoch, random crop + flip. What
-the seed got wrong is not kept: the epoch whose weights are kept is chosen on the
+At the default params the recipe is the original program's: AdamW (lr 3e-4, weight decay
+0.05 on every parameter), cosine annealing stepped once per epoch, random crop + flip.
+A model's own recipe (`<model>.recipe`) can change the optimizer (SGD with Nesterov
+momentum), the schedule (stepped per batch, linear warmup, one-cycle), weight decay on
+matrices only, gradient clipping, label smoothing and an EMA of the weights. What the
+original program got wrong is not kept: the epoch whose weights are kept is chosen on the
 validation split (held out of train), never on test.
+
+Every part of a training step runs on the device without reading a value back (no host
+sync, no Python branch on a tensor's value): the schedule is a pure function of the step
+number, clipping scales on the device, the EMA is one fused lerp.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -22,31 +31,82 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from vitcnn.checkpoint import load_checkpoint, restore_rng_states, rng_states, save_checkpoint
-from vitcnn.config import TrainConfig
+from vitcnn.config import Recipe, TrainConfig
 from vitcnn.data import BatchLoader, Split
 from vitcnn.errors import UserError
 from vitcnn.runtime import autocast, maybe_compile, predict, resolve_precision
 
 log = logging.getLogger(__name__)
 PROGRESS_EVERY = 20  # steps between progress-bar refreshes (each reads the running loss once)
+SEED_RECIPE = Recipe()  # the original program's
 
 
 class TrainingError(UserError):
     """Training cannot go on (a non-finite loss): stop without writing results."""
 
 
-def lr_at(epoch: int, cfg: TrainConfig) -> float:
-    """Learning rate for a 0-based epoch: cosine from lr towards 0 over the run, or constant."""
-    if cfg.schedule == "constant":
-        return cfg.lr
-    return cfg.lr * 0.5 * (1 + math.cos(math.pi * epoch / cfg.epochs))
+def lr_at(step: int, steps_per_epoch: int, cfg: Recipe) -> float:
+    """The learning rate of 0-based optimizer step `step`.
+
+    The schedule counts in units of one batch (`lr_step: batch`) or one epoch (`epoch`, the
+    original program's: every step of an epoch takes the epoch's rate). Linear warmup from
+    0 over the first `warmup` fraction of the units (reaching `lr` at its last one), then
+    cosine or linear decay towards 0 over the rest of the run, or constant.
+    """
+    unit, units = (step, cfg.epochs * steps_per_epoch) if cfg.lr_step == "batch" else (step // steps_per_epoch, cfg.epochs)
+    warmup = round(cfg.warmup * units)
+    if unit < warmup:
+        return cfg.lr * (unit + 1) / warmup
+    progress = (unit - warmup) / (units - warmup)  # 0 at the first unit after warmup
+    if cfg.schedule == "cosine":
+        return cfg.lr * 0.5 * (1 + math.cos(math.pi * progress))
+    if cfg.schedule == "linear":
+        return cfg.lr * (1 - progress)
+    return cfg.lr
+
+
+class EMA:
+    """An exponential moving average of a model's weights and float buffers (batch-norm statistics).
+
+    Updated after every optimizer step with one fused lerp on the device. The decay rises
+    as min(decay, (1 + t) / (10 + t)) over the first updates t, so the average does not
+    start out dominated by the random initial weights.
+    """
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.model = copy.deepcopy(model).requires_grad_(False)
+        self.decay, self.updates = decay, 0
+        pairs = list(zip(self.model.state_dict().values(), model.state_dict().values()))  # (average, live)
+        self._averaged = [a for a, _ in pairs if a.is_floating_point()]
+        self._live = [m for a, m in pairs if a.is_floating_point()]
+        self._counters = [(a, m) for a, m in pairs if not a.is_floating_point()]  # copied, not averaged
+
+    @torch.no_grad()
+    def update(self) -> None:
+        self.updates += 1
+        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        torch._foreach_lerp_(self._averaged, self._live, 1 - decay)
+        for average, live in self._counters:
+            average.copy_(live)
+
+
+@dataclass
+class RunState:
+    """What a training run has done so far; also what its resume checkpoint holds."""
+
+    history: list[dict] = field(default_factory=list)  # one row per epoch
+    best_epoch: int = 0  # 1-based epoch whose weights best_state holds
+    best_acc: float = -1.0
+    best_state: dict[str, torch.Tensor] | None = None
+    train_time_s: float = 0.0
+    ema_updates: int = 0
 
 
 @dataclass
 class FitResult:
-    history: list[dict]  # one row per epoch
-    best_epoch: int  # 1-based epoch whose weights `state` holds
-    state: dict[str, torch.Tensor]
+    history: list[dict]
+    best_epoch: int
+    state: dict[str, torch.Tensor]  # the selected weights (the EMA's when on)
     precision: str
     train_time_s: float
     resumed_from: int  # epochs taken from a checkpoint (0 = a fresh run)
@@ -66,7 +126,7 @@ def fit(
     checkpoint: Path | None = None,
     fingerprint: str = "",
 ) -> FitResult:
-    """Train `model` in place and return the per-epoch history and the selected weights.
+    """Train `model` in place with recipe `cfg`; return the per-epoch history and the selected weights.
 
     With `checkpoint`, the state is saved there after every epoch, and a run whose
     checkpoint has the same `fingerprint` (params and data) goes on from it, ending
@@ -79,81 +139,109 @@ def fit(
     dtype = resolve_precision(cfg.precision, device)
     model.to(device, memory_format=torch.channels_last)  # faster convolutions; no effect on linear layers
     optimizer = make_optimizer(model, cfg)
+    ema = EMA(model, cfg.ema) if cfg.ema else None
     compile_start = time.perf_counter()
     step_model = maybe_compile(model, cfg.compile, device, train_loader.example(), dtype)
     compile_s = time.perf_counter() - compile_start
 
-    run = {"history": [], "best_epoch": 0, "best_acc": -1.0, "best_state": None, "train_time_s": 0.0}
+    run = RunState()
     saved = load_checkpoint(checkpoint, fingerprint) if checkpoint else None
     if saved:
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
+        if ema:
+            ema.model.load_state_dict(saved["ema"])
         restore_rng_states(saved["rng"], generator)
-        run = saved["run"]
-        log.info("resuming %s from epoch %d of %d (%s)", name, len(run["history"]), cfg.epochs, checkpoint)
+        run = RunState(**saved["run"])
+        log.info("resuming %s from epoch %d of %d (%s)", name, len(run.history), cfg.epochs, checkpoint)
     elif checkpoint:
         log.info("starting %s fresh", name)
-    resumed_from = len(run["history"])
-    run["train_time_s"] += compile_s  # compiling is part of what training costs (epoch speeds leave it out)
+    if ema:
+        ema.updates = run.ema_updates
+    resumed_from = len(run.history)
+    run.train_time_s += compile_s  # compiling is part of what training costs (epoch speeds leave it out)
+    selected = ema.model if ema else model  # the weights validated, selected and saved
 
     for epoch in range(resumed_from + 1, cfg.epochs + 1):
         t0 = time.perf_counter()
-        lr = lr_at(epoch - 1, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        train_loss, train_acc = _train_epoch(step_model, optimizer, train_loader, dtype, epoch, cfg.epochs, name)
+        first_step = (epoch - 1) * len(train_loader)
+        train_loss, train_acc = _train_epoch(step_model, optimizer, train_loader, dtype, cfg, ema, first_step,
+                                             epoch, name)
         train_s = time.perf_counter() - t0
-        val_loss, val_acc = _validate(step_model, val_loader, dtype)
+        val_loss, val_acc = _validate(ema.model if ema else step_model, val_loader, dtype)
         row = {
             "epoch": epoch,
             "train_loss": round(train_loss, 6),
             "train_acc": round(train_acc, 6),
             "val_loss": round(val_loss, 6),
             "val_acc": round(val_acc, 6),
-            "lr": lr,
+            "lr": lr_at(first_step, len(train_loader), cfg),
             "epoch_time_s": round(train_s, 3),
             "images_per_s": round(len(train) / train_s, 1),
         }
-        run["history"].append(row)
-        run["train_time_s"] += time.perf_counter() - t0
-        if cfg.select == "last" or val_acc > run["best_acc"]:
-            run["best_epoch"], run["best_acc"] = epoch, val_acc
-            run["best_state"] = copy.deepcopy(model.state_dict())
+        run.history.append(row)
+        run.train_time_s += time.perf_counter() - t0
+        if cfg.select == "last" or val_acc > run.best_acc:
+            run.best_epoch, run.best_acc = epoch, val_acc
+            run.best_state = copy.deepcopy(selected.state_dict())
+        run.ema_updates = ema.updates if ema else 0
         if checkpoint:
             save_checkpoint(checkpoint, {
                 "fingerprint": fingerprint,
                 "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(),
+                "ema": ema.model.state_dict() if ema else {},
                 "rng": rng_states(generator),
-                "run": run,
+                "run": dataclasses.asdict(run),
             })
         if on_epoch:
             on_epoch(row)
-    return FitResult(run["history"], run["best_epoch"], run["best_state"], str(dtype).removeprefix("torch."),
-                     run["train_time_s"], resumed_from)
+    return FitResult(run.history, run.best_epoch, run.best_state, str(dtype).removeprefix("torch."),
+                     run.train_time_s, resumed_from)
 
 
-def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW; on CPU and CUDA its fused kernel (one pass over all parameters: 4x faster than
-    the per-tensor loop on CPU) computes the same update."""
-    fused = next(model.parameters()).device.type in ("cpu", "cuda")
-    return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused or None)
+def param_groups(model: nn.Module, cfg: Recipe) -> list[dict[str, Any]]:
+    """Weight decay on every parameter (`decay: all`), or only on weight matrices (`matrices`:
+    not on norms, biases, or what the model names in `no_weight_decay()`, its embeddings)."""
+    if cfg.decay == "all":
+        return [{"params": list(model.parameters()), "weight_decay": cfg.weight_decay}]
+    skip = model.no_weight_decay()
+    decayed, kept = [], []
+    for name, p in model.named_parameters():
+        (decayed if p.ndim >= 2 and name not in skip else kept).append(p)
+    return [{"params": decayed, "weight_decay": cfg.weight_decay}, {"params": kept, "weight_decay": 0.0}]
+
+
+def make_optimizer(model: nn.Module, cfg: Recipe = SEED_RECIPE) -> torch.optim.Optimizer:
+    """AdamW, or SGD with Nesterov momentum; on CPU and CUDA their fused kernels (one pass over all
+    parameters: 4x faster than the per-tensor loop on CPU) compute the same update."""
+    fused = next(model.parameters()).device.type in ("cpu", "cuda") or None
+    groups = param_groups(model, cfg)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=True, fused=fused)
+    return torch.optim.AdamW(groups, lr=cfg.lr, fused=fused)
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
-               dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+               dtype: torch.dtype, cfg: Recipe = SEED_RECIPE, ema: EMA | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimisation step; returns the batch's mean loss and its count of correct predictions,
     both still on the device (reading them is the caller's choice of when to sync)."""
     with autocast(x.device, dtype):
         logits = model(x)
-    loss = F.cross_entropy(logits.float(), y)  # loss in fp32 whatever the compute dtype
+    loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)  # in fp32 whatever the compute dtype
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    if cfg.grad_clip:
+        nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], cfg.grad_clip, foreach=True)
     optimizer.step()
+    if ema:
+        ema.update()
     return loss.detach(), (logits.argmax(1) == y).sum()
 
 
-def _train_epoch(model, optimizer, loader: BatchLoader, dtype, epoch: int, epochs: int, name: str):
+def _train_epoch(model, optimizer, loader: BatchLoader, dtype, cfg: Recipe, ema: EMA | None, first_step: int,
+                 epoch: int, name: str):
     """One pass over the shuffled, augmented train split; returns (mean loss, accuracy)."""
     model.train()
     device = loader.device
@@ -162,26 +250,29 @@ def _train_epoch(model, optimizer, loader: BatchLoader, dtype, epoch: int, epoch
     first_bad = torch.full((), -1, device=device, dtype=torch.long)
     seen = 0
     # As a context manager the bar is cleared on an error or Ctrl-C too, so messages start on a clean line.
-    with tqdm(total=len(loader), desc=f"{name} epoch {epoch}/{epochs}", unit="batch", leave=False) as bar:
+    with tqdm(total=len(loader), desc=f"{name} epoch {epoch}/{cfg.epochs}", unit="batch", leave=False) as bar:
         for step, (x, y) in enumerate(loader, start=1):
-            loss, hits = train_step(model, optimizer, x, y, dtype)
+            lr = lr_at(first_step + step - 1, len(loader), cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss, hits = train_step(model, optimizer, x, y, dtype, cfg, ema)
             loss_sum += loss * len(y)
             correct += hits
             first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), step, first_bad)
             seen += len(y)
             if step % PROGRESS_EVERY == 0 or step == len(loader):
-                _check_finite(first_bad, epoch)
+                _check_finite(first_bad, epoch, name)
                 bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", refresh=False)
                 bar.update(step - bar.n)
     return loss_sum.item() / seen, correct.item() / seen
 
 
-def _check_finite(first_bad: torch.Tensor, epoch: int) -> None:
+def _check_finite(first_bad: torch.Tensor, epoch: int, name: str) -> None:
     step = int(first_bad.item())
     if step >= 0:
         raise TrainingError(
             f"training loss is not finite at epoch {epoch}, step {step}; "
-            "lower train.lr or set train.precision: fp32"
+            f"lower the learning rate (train.lr, or {name}.recipe.lr) or set train.precision: fp32"
         )
 
 

@@ -1,6 +1,6 @@
 """Figures and the one-page report: learning curves, confusion, per-class accuracy, cost against
-accuracy, where each model looks (ViT attention and rollout, CNN feature maps and Grad-CAM) and
-the images each model gets wrong most confidently.
+accuracy, where each model looks (attention and rollout, feature maps and Grad-CAM) and the
+images each model gets wrong most confidently. Models are named and coloured by the registry.
 
 Every figure has a title, axis labels and, where colour carries a value, a colour bar; the
 layout is matplotlib's constrained layout, so titles, labels and colour bars never overlap.
@@ -26,9 +26,9 @@ from matplotlib.cm import ScalarMappable  # noqa: E402
 from matplotlib.colors import Normalize  # noqa: E402
 
 from vitcnn.io import atomic_write  # noqa: E402
+from vitcnn.models import REGISTRY  # noqa: E402
+from vitcnn.models.spec import ModelSpec  # noqa: E402
 
-MODEL_LABELS = {"vit": "ViT", "cnn": "CNN"}
-MODEL_COLORS = {"vit": "tab:blue", "cnn": "tab:orange"}
 OVERLAY_CMAP, OVERLAY_ALPHA, FEATURE_CMAP = "inferno", 0.6, "viridis"
 RIGHT, WRONG = "#1a7f37", "#cf222e"  # caption colours of correct and wrong predictions
 PANEL = 1.5  # inches per image panel
@@ -51,6 +51,15 @@ METRIC_LABELS = {
     "device": "evaluated on",
     "precision": "evaluation precision",
 }
+
+
+def label(model: str) -> str:
+    """How figures and reports name a model: its registry label (the name itself if unregistered)."""
+    return REGISTRY[model].label if model in REGISTRY else model
+
+
+def color(model: str) -> str | None:
+    return REGISTRY[model].color if model in REGISTRY else None
 
 
 def save_figure(fig: plt.Figure, path: Path, dpi: int) -> None:
@@ -86,7 +95,7 @@ def confident_mistakes(
 def prediction_caption(name: str, predicted: str, confidence: float, correct: bool) -> tuple[str, str]:
     """('ViT: cat 87% ✓', green) — the text and colour under a model's panel."""
     mark, color = ("✓", RIGHT) if correct else ("✗", WRONG)
-    return f"{MODEL_LABELS.get(name, name)}: {predicted} {100 * confidence:.0f}% {mark}", color
+    return f"{label(name)}: {predicted} {100 * confidence:.0f}% {mark}", color
 
 
 def learning_curves(histories: dict[str, list[dict]], path: Path, dpi: int) -> None:
@@ -94,17 +103,17 @@ def learning_curves(histories: dict[str, list[dict]], path: Path, dpi: int) -> N
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4.2), layout="constrained")
     for name, rows in histories.items():
         epochs = [r["epoch"] for r in rows]
-        color, label = MODEL_COLORS.get(name), MODEL_LABELS.get(name, name)
-        ax_loss.plot(epochs, [r["train_loss"] for r in rows], "-o", color=color, ms=3, label=f"{label} train")
-        ax_loss.plot(epochs, [r["val_loss"] for r in rows], "--s", color=color, ms=3, label=f"{label} val")
-        ax_acc.plot(epochs, [100 * r["train_acc"] for r in rows], "-o", color=color, ms=3, label=f"{label} train")
-        ax_acc.plot(epochs, [100 * r["val_acc"] for r in rows], "--s", color=color, ms=3, label=f"{label} val")
+        c, shown = color(name), label(name)
+        ax_loss.plot(epochs, [r["train_loss"] for r in rows], "-o", color=c, ms=3, label=f"{shown} train")
+        ax_loss.plot(epochs, [r["val_loss"] for r in rows], "--s", color=c, ms=3, label=f"{shown} val")
+        ax_acc.plot(epochs, [100 * r["train_acc"] for r in rows], "-o", color=c, ms=3, label=f"{shown} train")
+        ax_acc.plot(epochs, [100 * r["val_acc"] for r in rows], "--s", color=c, ms=3, label=f"{shown} val")
     for ax, title, ylabel in ((ax_loss, "Loss", "cross-entropy"), (ax_acc, "Accuracy", "accuracy (%)")):
         ax.set(title=title, xlabel="epoch", ylabel=ylabel)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         ax.xaxis.get_major_locator().set_params(integer=True)
-    fig.suptitle("ViT vs CNN: learning curves")
+    fig.suptitle(f"{' vs '.join(label(n) for n in histories)}: learning curves")
     save_figure(fig, path, dpi)
 
 
@@ -118,7 +127,7 @@ def confusion_matrices(confusions: dict[str, np.ndarray], classes: list[str], pa
         rates = counts / counts.sum(1, keepdims=True).clip(min=1)
         image = ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
         acc = np.trace(counts) / counts.sum()
-        ax.set(title=f"{MODEL_LABELS.get(name, name)} (test acc {100 * acc:.1f}%)", xlabel="predicted", ylabel="true")
+        ax.set(title=f"{label(name)} (test acc {100 * acc:.1f}%)", xlabel="predicted", ylabel="true")
         ax.set_xticks(range(n), classes, rotation=90, fontsize=tick_size)
         ax.set_yticks(range(n), classes, fontsize=tick_size)
         if n <= 20:
@@ -143,13 +152,13 @@ def per_class_bars(per_class: dict[str, Sequence[float]], classes: list[str], pa
     x = np.arange(n)
     for k, (name, acc) in enumerate(per_class.items()):
         pct = 100 * np.asarray(acc, dtype=float)
-        bars = ax.bar(x + (k - (models - 1) / 2) * width, pct, width, color=MODEL_COLORS.get(name),
-                      label=f"{MODEL_LABELS.get(name, name)} (mean over classes {pct.mean():.1f}%)")
+        bars = ax.bar(x + (k - (models - 1) / 2) * width, pct, width, color=color(name),
+                      label=f"{label(name)} (mean over classes {pct.mean():.1f}%)")
         if n <= 20:
             ax.bar_label(bars, fmt="%.0f", fontsize=6, padding=1)
     ax.set_xticks(x, classes, rotation=45 if n <= 20 else 90, ha="right" if n <= 20 else "center",
                   fontsize=8 if n <= 20 else 5)
-    ax.set(title="Per-class test accuracy, ViT vs CNN", xlabel="class", ylabel="test accuracy (%)", ylim=(0, 108))
+    ax.set(title=f"Per-class test accuracy, {' vs '.join(label(n) for n in per_class)}", xlabel="class", ylabel="test accuracy (%)", ylim=(0, 108))
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8, loc="upper left", ncols=models)
     save_figure(fig, path, dpi)
@@ -161,10 +170,9 @@ def tradeoffs(metrics: dict[str, dict], path: Path, dpi: int) -> None:
     for ax, (key, (short, xlabel, unit)) in zip(axes, COST_AXES.items()):
         for k, (name, m) in enumerate(metrics.items()):
             x, y = m[key] * unit, 100 * m["test_acc"]
-            label = MODEL_LABELS.get(name, name)
-            ax.scatter(x, y, s=60, color=MODEL_COLORS.get(name), label=label, zorder=3)
+            ax.scatter(x, y, s=60, color=color(name), label=label(name), zorder=3)
             # Labels alternate above and below their points, so two close points never share a line.
-            ax.annotate(f"{label} {y:.1f}%", (x, y), xytext=(0, 9 if k % 2 == 0 else -9), textcoords="offset points",
+            ax.annotate(f"{label(name)} {y:.1f}%", (x, y), xytext=(0, 9 if k % 2 == 0 else -9), textcoords="offset points",
                         ha="center", va="bottom" if k % 2 == 0 else "top", fontsize=8)
         ax.set(title=f"accuracy vs {short}", xlabel=xlabel, ylabel="test accuracy (%)", ylim=(0, 100))
         ax.set_xlim(0, 1.3 * max(m[key] * unit for m in metrics.values()) or 1.0)
@@ -255,8 +263,8 @@ def attention_heads(image: np.ndarray, maps: torch.Tensor, title: str, path: Pat
     """
     layers, heads = maps.shape[:2]
     columns = {f"head {h + 1}": maps[:, h] for h in range(heads)} | {"mean of heads": maps.mean(1)}
-    overlay_grid(np.repeat(image[None], layers, axis=0), columns, title, [f"layer {l + 1}" for l in range(layers)],
-                 "CLS attention (scaled per map)", path, dpi, image_column=False)
+    overlay_grid(np.repeat(image[None], layers, axis=0), columns, title, [f"layer {i + 1}" for i in range(layers)],
+                 "attention (scaled per map)", path, dpi, image_column=False)
 
 
 def feature_grid(
@@ -268,6 +276,7 @@ def feature_grid(
     cam_captions: Sequence[tuple[str, str]],
     path: Path,
     dpi: int,
+    title: str,
 ) -> None:
     """Per image (rows): the image, each block's `channels` strongest feature maps, and Grad-CAM over the image.
 
@@ -278,8 +287,7 @@ def feature_grid(
     for b, maps in enumerate(block_maps):
         col_titles += [f"block {b + 1} ({maps.shape[2]}×{maps.shape[3]})"] + [""] * (channels - 1)
     col_titles.append("Grad-CAM, predicted")
-    fig, axes = _panel_grid(len(images), len(col_titles), f"CNN: the {channels} strongest feature maps of each "
-                            "block, and Grad-CAM of the predicted class", row_labels, col_titles, caption_lines=1)
+    fig, axes = _panel_grid(len(images), len(col_titles), title, row_labels, col_titles, caption_lines=1)
     heat = upsample(cam, images.shape[1])
     for i, image in enumerate(images):
         axes[i, 0].imshow(image)
@@ -305,7 +313,7 @@ def mistakes_grid(
 
     images: model -> (k, H, W, 3) uint8 with k <= count; captions: model -> one caption per image.
     """
-    labels = [MODEL_LABELS.get(name, name) for name in images]
+    labels = [label(name) for name in images]
     lines = max((text.count("\n") + 1 for texts in captions.values() for text in texts), default=0)
     fig, axes = _panel_grid(len(images), count, "The test images each model gets wrong most confidently",
                             labels, [f"#{j + 1}" for j in range(count)], caption_lines=lines)
@@ -319,31 +327,37 @@ def mistakes_grid(
     save_figure(fig, path, dpi)
 
 
-# The figures the report shows, in its order: file stem -> (heading, what it shows).
-FIGURES = {
-    "compare_sample": ("Where each model looks", (
-        "Fixed, seeded test images: the ViT's attention rollout and the CNN's Grad-CAM of its predicted class. "
-        "Under each panel, that model's prediction and confidence (✓ right, ✗ wrong).")),
-    "per_class": ("Per-class accuracy", "Test accuracy of each class, ViT vs CNN."),
-    "tradeoffs": ("Accuracy against cost", (
-        "Test accuracy against parameters, forward FLOPs per image, training time and inference images/s; "
-        "one point per model.")),
-    "mistakes": ("Confident mistakes", (
-        "The test images each model gets wrong with the highest confidence: index in the test split, true "
-        "class, predicted class and confidence.")),
-    "compare_vit_mistakes": ("Where they look on the ViT's confident mistakes",
-                             "As above, on the images the ViT gets wrong most confidently."),
-    "compare_cnn_mistakes": ("Where they look on the CNN's confident mistakes",
-                             "As above, on the images the CNN gets wrong most confidently."),
-    "vit_attention": ("ViT attention per layer", (
-        "The CLS token's attention over the patch grid in each layer (mean over heads), and the rollout "
-        "across all layers.")),
-    "cnn_features": ("CNN feature maps and Grad-CAM", (
-        "The strongest channels of each block's output, and Grad-CAM of the predicted class on the last "
-        "block (its low resolution makes it coarse).")),
-    "learning_curves": ("Learning curves", "Loss and accuracy per epoch, train and validation."),
-    "confusion": ("Confusion matrices", "Rows: true class; each row sums to 1."),
-}
+def figure_captions(specs: Sequence[ModelSpec]) -> dict[str, tuple[str, str]]:
+    """The figures the report shows, in its order: file stem -> (heading, what it shows)."""
+    looks = "; ".join(f"the {s.label}'s " + ("attention rollout" if s.explains == "attention" else
+                                             "Grad-CAM of its predicted class") for s in specs)
+    captions = {
+        "compare_sample": ("Where each model looks", (
+            f"Fixed, seeded test images: {looks}. Under each panel, that model's prediction and confidence "
+            "(✓ right, ✗ wrong).")),
+        "per_class": ("Per-class accuracy", "Test accuracy of each class, per model."),
+        "tradeoffs": ("Accuracy against cost", (
+            "Test accuracy against parameters, forward FLOPs per image, training time and inference images/s; "
+            "one point per model.")),
+        "mistakes": ("Confident mistakes", (
+            "The test images each model gets wrong with the highest confidence: index in the test split, true "
+            "class, predicted class and confidence.")),
+    }
+    for s in specs:
+        captions[f"compare_{s.name}_mistakes"] = (f"Where they look on the {s.label}'s confident mistakes",
+                                                  f"As above, on the images the {s.label} gets wrong most confidently.")
+    for s in specs:
+        if s.explains == "attention":
+            captions[f"{s.name}_attention"] = (f"{s.label} attention per layer", (
+                "The readout's attention over the patch grid in each layer (mean over heads; the CLS token's "
+                "attention when there is one), and the rollout across all layers."))
+        else:
+            captions[f"{s.name}_features"] = (f"{s.label} feature maps and Grad-CAM", (
+                "The strongest channels of each block's output, and Grad-CAM of the predicted class on the last "
+                "block (its low resolution makes it coarse)."))
+    captions["learning_curves"] = ("Learning curves", "Loss and accuracy per epoch, train and validation.")
+    captions["confusion"] = ("Confusion matrices", "Rows: true class; each row sums to 1.")
+    return captions
 
 
 def as_written(value: Any) -> str:
@@ -361,7 +375,6 @@ def report(
     intro: str,
     metrics: dict[str, dict],
     setups: dict[str, dict[str, Any]],
-    shared: dict[str, Any],
     classes: list[str],
     per_class: dict[str, Sequence[str]],
     figures: Sequence[tuple[str, str, str]],
@@ -370,11 +383,11 @@ def report(
 
     metrics: model -> its entry of metrics/evaluate.json (shown exactly as written).
     setups: model -> {setting (Markdown): value}; the settings on which the models differ
-    make a table, the rest join `shared` in one list. per_class: model -> accuracy per
+    make a table, the rest one list. per_class: model -> accuracy per
     class as written. figures: (heading, relative path, what it shows).
     """
     models = list(metrics)
-    names = [MODEL_LABELS.get(m, m) for m in models]
+    names = [label(m) for m in models]
     keys = list(dict.fromkeys(k for m in models for k in metrics[m]))
     lines = [f"# {title}", "", intro, "", "## Test metrics", "",
              "As written in `metrics/evaluate.json` (accuracy as a fraction, FLOPs counting a multiply-add as 2).", ""]
@@ -385,10 +398,10 @@ def report(
     shown = {k: [as_written(setups[m][k]) if k in setups[m] else "—" for m in models] for k in settings}
     differ = [k for k in settings if len(set(shown[k])) > 1]
     differ.sort(key=lambda k: all(k in setups[m] for m in models))  # one model's own settings first
-    same = {**shared, **{k: setups[models[0]][k] for k in settings if k not in differ}}
-    lines += ["", "## How the two models differ", ""]
+    same = {k: setups[models[0]][k] for k in settings if k not in differ}
+    lines += ["", "## How the models differ", ""]
     lines += _table(["setting", *names], [[k, *shown[k]] for k in differ])
-    lines += ["", "Shared by both: " + "; ".join(f"{k} = {as_written(v)}" for k, v in same.items()) + "."]
+    lines += ["", "Shared by all: " + "; ".join(f"{k} = {as_written(v)}" for k, v in same.items()) + "."]
 
     lines += ["", "## Per-class test accuracy", ""]
     lines += _table(["class", *names], [[c, *(per_class[m][i] for m in models)] for i, c in enumerate(classes)])

@@ -1,4 +1,4 @@
-"""Layers shared by the models: a dropout that is cheap on CPU.
+"""Layers shared by the models: a dropout that is cheap on CPU, and stochastic depth.
 
 PyTorch's CPU dropout draws one bernoulli per element from mt19937 and applies a float
 mask in separate passes; for the small ViT that costs more than its matrix products.
@@ -102,3 +102,21 @@ class Dropout(nn.Dropout):
         if not self.training or self.p == 0 or x.device.type != "cpu" or torch.compiler.is_compiling():
             return F.dropout(x, self.p, self.training)
         return cpu_dropout(x, self.p)
+
+
+class DropPath(nn.Module):
+    """Stochastic depth (Huang et al. 2016): in training, drop a residual branch for a random fraction
+    `p` of the samples and scale the rest by 1 / (1 - p). One draw per sample, on the device: no sync."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return x
+        keep = torch.empty((x.shape[0],) + (1,) * (x.dim() - 1), dtype=x.dtype, device=x.device).bernoulli_(1 - self.p)
+        return x * keep / (1 - self.p)  # (B, ...) with whole samples zeroed
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"

@@ -4,6 +4,7 @@
     vitcnn study run data --subsets 1000,5000,20000,45000 --seeds 3 [-S ...]
     vitcnn study run budget --epochs 5,10,20,40 --seeds 3 [-S ...]
     vitcnn study run sweep -S 'vit.depth=4,6,8' --seeds 3
+    vitcnn study run seeds --recipe strong --seeds 3
     vitcnn study wait NAME
     vitcnn study summarize [--name PREFIX] [--all-commits] [--json] [--out DIR]
 """
@@ -16,6 +17,7 @@ import sys
 from datetime import datetime
 from pathlib import Path
 
+from vitcnn import recipes
 from vitcnn.study import experiments, queue, report
 from vitcnn.study.grid import AXES, StudyError, parse_counts, plan
 from vitcnn.study.summary import Summary, summarize
@@ -37,6 +39,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     run.add_argument("--epochs", help="budget: epoch budgets, e.g. 5,10,20,40")
     run.add_argument("-S", "--set-param", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="a params.yaml override for every run, in dvc exp run's -S syntax (a,b,c or range() sweep)")
+    run.add_argument("--recipe", help="a named recipe (recipes/<name>.yaml) for every run; -S keys override it")
     run.add_argument("--name", help="the study's name, the prefix of its experiments' names "
                      "(default: <kind>-<date>-<time>)")
     run.add_argument("-j", "--jobs", type=int, help="queue workers (default: one per visible GPU, else 1)")
@@ -75,7 +78,7 @@ def run_study(args: argparse.Namespace) -> int:
         values = parse_counts(text, flag, "training-image counts" if args.kind == "data" else "epoch budgets")
     if args.kind == "sweep" and not args.overrides:
         raise StudyError("a sweep study needs at least one -S, e.g. -S 'vit.depth=4,6,8'")
-    runs = plan(args.kind, name, args.seeds, values, args.overrides)
+    runs = plan(args.kind, name, args.seeds, values, with_recipe(args.recipe, args.overrides, args.kind))
     if args.jobs is not None and args.jobs < 1:
         raise StudyError(f"-j: {args.jobs} is not allowed; use an integer >= 1")
     queue.check_new(name)
@@ -93,6 +96,14 @@ def run_study(args: argparse.Namespace) -> int:
     if failed:
         print(f"study {name}: {failed} of {len(runs)} runs failed (listed above and in the summary)", file=sys.stderr)
     return 1 if failed else code
+
+
+def with_recipe(recipe: str | None, overrides: list[str], kind: str) -> list[str]:
+    """The recipe's overrides, less the keys that -S or the study itself sets, then -S."""
+    if not recipe:
+        return overrides
+    taken = {o.split("=", 1)[0].lstrip("+~") for o in overrides} | {"seed"} | ({AXES[kind][0]} if AXES[kind] else set())
+    return [o for o in recipes.overrides(recipe) if o.split("=", 1)[0] not in taken] + overrides
 
 
 def follow(name: str, out: Path | None) -> int:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vitcnn.overrides import flatten
 from vitcnn.study.queue import dvc
 
 EVALUATE_METRICS = "metrics/evaluate.json"  # {model: {test_acc, train_time_s, ...}}
@@ -84,17 +85,6 @@ def _experiment(exp: dict, rev: dict, baseline: str) -> Experiment:
 def _params(data: dict) -> dict[str, Any]:
     params = ((data.get("params") or {}).get("params.yaml") or {}).get("data") or {}
     return flatten(params)
-
-
-def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
-    """{"vit": {"depth": 6}} -> {"vit.depth": 6}; lists stay values."""
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 def _metrics(files: dict) -> dict[str, dict[str, float]]:

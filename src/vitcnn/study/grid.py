@@ -11,15 +11,13 @@ queued, not in the middle of it.
 from __future__ import annotations
 
 import re
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from vitcnn.config import check_key, load_params
+from vitcnn.config import check_key
 from vitcnn.errors import ConfigError, UserError, first_line
+from vitcnn.overrides import PARAMS_FILE, check as check_overrides
 
-PARAMS_FILE = "params.yaml"
 # The param each kind of study varies, and the flag that sets it (seeds vary in every kind).
 AXES = {"seeds": None, "data": ("data.subset", "--subsets"), "budget": ("train.epochs", "--epochs"), "sweep": None}
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # a valid git ref and DVC experiment name
@@ -102,18 +100,8 @@ def expand(overrides: list[str], set_by_study: dict[str, str]) -> list[tuple[str
 
 def validate(runs: list[Run], params_path: Path) -> None:
     """Apply each run's overrides to a copy of params.yaml as DVC will, and validate the result."""
-    from dvc.utils.hydra import apply_overrides
-
-    if not params_path.is_file():
-        raise StudyError(f"{params_path}: not found; run the study from the project's root")
-    with tempfile.TemporaryDirectory() as tmp:
-        copy = Path(tmp) / PARAMS_FILE
-        for run in runs:
-            shutil.copyfile(params_path, copy)
-            try:
-                apply_overrides(copy, list(run.overrides))
-                load_params(copy)
-            except ConfigError as exc:
-                raise StudyError(f"run {run.name} ({' '.join(run.overrides)}): {exc}") from None
-            except Exception as exc:  # DVC's own refusal of a value, e.g. a type hydra cannot merge
-                raise StudyError(f"run {run.name} ({' '.join(run.overrides)}): {first_line(exc)}") from None
+    for run in runs:
+        try:
+            check_overrides(list(run.overrides), params_path)
+        except ConfigError as exc:
+            raise StudyError(f"run {run.name} ({' '.join(run.overrides)}): {exc}") from None

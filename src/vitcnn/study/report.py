@@ -26,16 +26,12 @@ import numpy as np  # noqa: E402
 
 from vitcnn.io import atomic_write  # noqa: E402
 from vitcnn.study.summary import Estimate, Group, Summary  # noqa: E402
-from vitcnn.visualize import MODEL_COLORS, MODEL_LABELS, save_figure  # noqa: E402
+from vitcnn.visualize import color, label, save_figure  # noqa: E402
 
 DIFF_COLOR = "tab:gray"
 LOG_AXIS = {"data.subset"}  # params whose curves read best on a log axis
 AXIS_LABELS = {"data.subset": "training images (data.subset)", "train.epochs": "epochs (train.epochs)"}
 DPI = 120
-
-
-def label(model: str) -> str:
-    return MODEL_LABELS.get(model, model)
 
 
 def write(summary: Summary, out: Path, title: str) -> list[Path]:
@@ -186,7 +182,7 @@ def accuracy_figure(summary: Summary, path: Path) -> None:
     width = 0.8 / max(1, len(models))
     for i, model in enumerate(models):
         estimates = [g.metrics.get(model, {}).get("test_acc") for g in summary.groups]
-        _points(ax, x + (i - (len(models) - 1) / 2) * width, estimates, MODEL_COLORS.get(model), label(model))
+        _points(ax, x + (i - (len(models) - 1) / 2) * width, estimates, color(model), label(model))
     ax.set(title="Test accuracy per group (mean, 95% CI)", ylabel="test accuracy (%)")
     _group_axis(ax, x, labels)
     ax.legend()
@@ -208,7 +204,7 @@ def curve_figure(summary: Summary, key: str, path: Path) -> None:
                              squeeze=False)
     ax = axes[0, 0]
     for model in models:
-        _band(ax, xs, [g.metrics.get(model, {}).get("test_acc") for g in summary.groups], MODEL_COLORS.get(model), label(model))
+        _band(ax, xs, [g.metrics.get(model, {}).get("test_acc") for g in summary.groups], color(model), label(model))
     ax.set(title=f"Test accuracy against {key} (mean, 95% band)", ylabel="test accuracy (%)")
     ax.legend()
     axes_used = [ax]

@@ -1,0 +1,32 @@
+"""The CNN's params (its params.yaml section) and registry entry; the model is in model.py.
+
+At the defaults it is the original program's CNN: blocks of two 3x3 conv+BN+ReLU and a
+2x2 max-pool at widths 64-128-256-512, global average pooling, a linear head. `block:
+residual` makes each block ResNet-9-like (Page 2018, the cifar10-fast network): one
+conv+BN+ReLU and the max-pool, then a residual branch of two conv+BN+ReLU at the pooled size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from vitcnn.errors import require
+from vitcnn.models.spec import ModelSpec
+
+
+@dataclass(frozen=True)
+class CNNParams:
+    channels: list[int] = field(default_factory=lambda: [64, 128, 256, 512])
+    block: Literal["plain", "residual"] = "plain"
+
+    def check(self, section: str, img_size: int) -> None:
+        key = f"{section}.channels"
+        require(len(self.channels) >= 1 and all(ch >= 1 for ch in self.channels), key, self.channels,
+                "use a non-empty list of positive integers")
+        require(2 ** len(self.channels) <= img_size, key, self.channels,
+                f"each block halves the image; at most {img_size.bit_length() - 1} blocks fit {img_size}x{img_size}")
+
+
+SPEC = ModelSpec(name="cnn", label="CNN", color="tab:orange", params=CNNParams, module="vitcnn.models.cnn.model",
+                 explains="gradcam")

@@ -1,0 +1,60 @@
+"""Named recipes: recipes/<name>.yaml holds only the params.yaml keys that differ from the defaults.
+
+A recipe is printed as `-S key=value` flags (`vitcnn recipe strong`), so that
+`dvc exp run $(vitcnn recipe strong)` runs it and `dvc exp show` shows every key it set.
+The file's first comment line is its one-line description. A recipe is checked as DVC will
+apply it: an unknown key or an impossible value is one line naming the recipe and the key.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from vitcnn.errors import ConfigError, UserError
+from vitcnn.overrides import check, flatten, value_text
+
+RECIPES = Path("recipes")
+
+
+class RecipeError(UserError):
+    """An unknown recipe, or one that params.yaml cannot take."""
+
+
+def available(folder: Path = RECIPES) -> dict[str, str]:
+    """{name: one-line description} of every recipe in `folder`."""
+    return {path.stem: _description(path) for path in sorted(folder.glob("*.yaml"))}
+
+
+def overrides(name: str, folder: Path = RECIPES, params_path: Path = Path("params.yaml")) -> list[str]:
+    """The recipe's keys as `key=value` overrides, checked against params.yaml."""
+    path = folder / f"{name}.yaml"
+    if not path.is_file():
+        known = ", ".join(available(folder)) or f"none: {folder}/ has no .yaml files"
+        raise RecipeError(f"unknown recipe '{name}'; known recipes: {known}")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        raise RecipeError(f"{path}: not valid YAML{f' at line {mark.line + 1}' if mark else ''}") from None
+    if not isinstance(tree, dict):
+        raise RecipeError(f"{path}: expected keys of params.yaml, got {tree!r}")
+    sets = [f"{key}={value_text(value)}" for key, value in flatten(tree).items()]
+    try:
+        check(sets, params_path)
+    except ConfigError as exc:
+        raise RecipeError(f"recipe '{name}' ({path}): {exc}") from None
+    return sets
+
+
+def flags(name: str, folder: Path = RECIPES) -> list[str]:
+    """`-S key=value` for every key of the recipe, as separate arguments."""
+    return [arg for override in overrides(name, folder) for arg in ("-S", override)]
+
+
+def _description(path: Path) -> str:
+    for line in path.read_text().splitlines():
+        if line.startswith("#"):
+            return line.lstrip("#").strip()
+    return ""
