@@ -14,7 +14,6 @@ import csv
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -25,7 +24,7 @@ from vitcnn import visualize as viz
 from vitcnn.config import VisualizeConfig
 from vitcnn.data import BatchLoader, Split
 from vitcnn.io import atomic_write, read_json, write_csv
-from vitcnn.models import REGISTRY, MODELS
+from vitcnn.models import MODELS, REGISTRY
 from vitcnn.models.store import load_model
 
 COPIED_TO_EVALUATE = ("params", "train_time_s")  # training metrics that metrics/evaluate.json repeats
@@ -74,6 +73,17 @@ def _rows(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+@dataclass
+class Looks:
+    """Where a model looks on some images, and what that was computed from."""
+
+    title: str  # the figure column's title, e.g. "ViT rollout"
+    relevance: torch.Tensor  # (B, h, w)
+    inputs: torch.Tensor  # the normalised images, (B, C, H, W)
+    attention: list[torch.Tensor] | None = None  # attention models: per layer (B, heads, N, N)
+    readout: torch.Tensor | None = None  # attention models: (B, N)
+
+
 class Figures:
     """Draws every figure of `results` into `out` (PNG), with the settings of `cfg`."""
 
@@ -93,13 +103,13 @@ class Figures:
                            out / "per_class.png", cfg.dpi)
         viz.tradeoffs(r.metrics, out / "tradeoffs.png", cfg.dpi)
 
-        sample_maps = self.where_models_look(self.sample, "fixed, seeded test images", out / "compare_sample.png")
+        sample_looks = self.where_models_look(self.sample, "fixed, seeded test images", out / "compare_sample.png")
         for name, picked in self.mistakes.items():
             if len(picked):  # a model may make no mistake at all
                 self.where_models_look(picked, f"the {viz.label(name)}'s most confident mistakes",
                                        out / f"compare_{name}_mistakes.png")
         for name in MODELS:
-            self.on_its_own(name, sample_maps[name])
+            self.on_its_own(name, sample_looks[name])
         viz.mistakes_grid({n: r.test.images[m].numpy() for n, m in self.mistakes.items()},
                           {n: [f"test #{i}\ntrue: {r.classes[r.actual[i]]}\n"
                                f"pred: {r.classes[r.predicted[n][i]]} {100 * r.confidence[n][i]:.0f}%" for i in m]
@@ -119,36 +129,34 @@ class Figures:
     def row_labels(self, picked) -> list[str]:
         return [f"test #{i}\ntrue: {self.r.classes[self.r.actual[i]]}" for i in picked]
 
-    def relevance(self, name: str, picked: np.ndarray) -> tuple[str, torch.Tensor, Any]:
-        """(column title, (B, h, w) map of where model `name` looks, what the map came from)."""
+    def looks(self, name: str, picked: np.ndarray) -> Looks:
+        """Where model `name` looks on test images `picked`: rollout, or Grad-CAM of its prediction."""
         model, spec = self.r.models[name][0], REGISTRY[name]
         x = self.inputs(name, picked)
         if spec.explains == "attention":
             with torch.no_grad():
                 _, attention, readout = model.forward_with_attention(x)  # per layer (B, heads, N, N); (B, N)
             rollout = explain.rollout_map(attention, readout, model.grid_size, model.num_prefix_tokens)
-            return f"{spec.label} rollout", rollout, (attention, readout)
+            return Looks(f"{spec.label} rollout", rollout, x, attention, readout)
         target = torch.from_numpy(self.r.predicted[name][picked])
-        return f"{spec.label} Grad-CAM", explain.gradcam(model, x, target), x
+        return Looks(f"{spec.label} Grad-CAM", explain.gradcam(model, x, target), x)
 
-    def where_models_look(self, picked: np.ndarray, title: str, path: Path) -> dict[str, tuple]:
-        """Figure: the image, then each model's relevance map; returns each model's (title, map, source)."""
-        maps = {name: self.relevance(name, picked) for name in MODELS}
-        viz.overlay_grid(self.r.test.images[picked].numpy(), {t: m for t, m, _ in maps.values()},
+    def where_models_look(self, picked: np.ndarray, title: str, path: Path) -> dict[str, Looks]:
+        """Figure: the image, then each model's relevance map, with its prediction under it."""
+        looks = {name: self.looks(name, picked) for name in MODELS}
+        viz.overlay_grid(self.r.test.images[picked].numpy(), {lk.title: lk.relevance for lk in looks.values()},
                          f"Where each model looks: {title}", self.row_labels(picked), "relevance (scaled per map)",
-                         path, self.cfg.dpi, captions={maps[n][0]: self.captions(n, picked) for n in MODELS})
-        return maps
+                         path, self.cfg.dpi, captions={looks[n].title: self.captions(n, picked) for n in MODELS})
+        return looks
 
-    def on_its_own(self, name: str, sample_map: tuple) -> None:
+    def on_its_own(self, name: str, looks: Looks) -> None:
         """Model `name` alone on the seeded images: attention per layer and head, or feature maps."""
         model, spec = self.r.models[name][0], REGISTRY[name]
         images, labels = self.r.test.images[self.sample].numpy(), self.row_labels(self.sample)
-        title, relevance, source = sample_map
         if spec.explains == "attention":
-            attention, readout = source
-            heads = explain.readout_attention(attention, readout, model.grid_size, model.num_prefix_tokens)
+            heads = explain.readout_attention(looks.attention, looks.readout, model.grid_size, model.num_prefix_tokens)
             layers = {f"layer {i + 1}": heads[:, i].mean(1) for i in range(heads.shape[1])}  # (B, grid, grid)
-            viz.overlay_grid(images, layers | {"rollout": relevance},
+            viz.overlay_grid(images, layers | {"rollout": looks.relevance},
                              f"{spec.label}: the readout's attention over the patches per layer (mean over heads), "
                              "and rollout", labels, "attention (scaled per map)", self.out / f"{name}_attention.png",
                              self.cfg.dpi, captions={"rollout": self.captions(name, self.sample)})
@@ -161,8 +169,8 @@ class Figures:
             self.head_figures[name] = paths
         else:
             with torch.no_grad():
-                block_maps = model.feature_maps(source)
-            viz.feature_grid(images, labels, block_maps, self.cfg.feature_channels, relevance,
+                block_maps = model.feature_maps(looks.inputs)
+            viz.feature_grid(images, labels, block_maps, self.cfg.feature_channels, looks.relevance,
                              self.captions(name, self.sample), self.out / f"{name}_features.png", self.cfg.dpi,
                              title=f"{spec.label}: the {self.cfg.feature_channels} strongest feature maps of each "
                                    "block, and Grad-CAM of the predicted class")

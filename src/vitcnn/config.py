@@ -1,9 +1,11 @@
 """Typed view of params.yaml, validated before any stage does work.
 
-Every section of params.yaml is a frozen dataclass. `load_params` walks the YAML
-against those dataclasses and raises `ConfigError` with one line naming the key,
-the bad value and what is allowed: an unknown key (a typo), a wrong type, or a
-value that cannot work (embed_dim not divisible by num_heads, lr <= 0, ...).
+Every section of params.yaml is a frozen dataclass; the model sections come from the
+model registry (each model's own params, plus its `recipe` overrides of `train.*`).
+`load_params` walks the YAML against those dataclasses and raises `ConfigError` with one
+line naming the key, the bad value and what is allowed: an unknown key (a typo), a wrong
+type, or a value that cannot work (embed_dim not divisible by num_heads, lr <= 0, a
+warmup as long as the run, ...).
 """
 
 from __future__ import annotations
@@ -98,13 +100,13 @@ class VisualizeConfig:
     dpi: int = 120
 
 
+MODEL_SECTIONS = {spec.name: _model_section(spec) for spec in REGISTRY.values()}  # one per registered model
 Params = dataclasses.make_dataclass("Params", [
     ("seed", int, 0),
     ("device", Literal["auto", "cpu", "cuda", "mps"], "auto"),
     ("data", DataConfig, field(default_factory=DataConfig)),
     ("train", TrainConfig, field(default_factory=TrainConfig)),
-    *((name, section, field(default_factory=section)) for name, section in
-      ((spec.name, _model_section(spec)) for spec in REGISTRY.values())),
+    *((name, section, field(default_factory=section)) for name, section in MODEL_SECTIONS.items()),
     ("evaluate", EvaluateConfig, field(default_factory=EvaluateConfig)),
     ("visualize", VisualizeConfig, field(default_factory=VisualizeConfig)),
 ], frozen=True)
