@@ -1,10 +1,13 @@
 """Training throughput of the pipeline's own training step, optionally against the naive way.
 
     python benchmarks/throughput.py --model vit|cnn|all [--steps N] [--repeats R] [--baseline] [--json]
+    python benchmarks/throughput.py --recipe strong      # the models, recipes and augmentation of recipes/strong.yaml
 
 Measures training images/s (loader + forward + backward + optimizer step) at the
-default params (the seed's models, batch 128) on the current device: warm-up steps,
-then the median of R timed windows of N steps each. The engine runs set up as the
+default params (the seed's models, batch 128), or at a named recipe's, on the current
+device: warm-up steps, then the median of R timed windows of N steps each. When the
+recipe augments (a policy, erasing, mixup/cutmix), it also reports what augmentation costs
+per batch: the loader alone timed with and without it, alternating, medians of R windows. The engine runs set up as the
 training stage runs (`keep_freed_memory`). With --baseline the naive way is measured in
 the same run, window by window alternating with the engine so that both see the same
 machine load, in a process of its own (so it keeps PyTorch's and the C library's
@@ -21,6 +24,7 @@ shape (speed does not depend on pixel values).
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import importlib.util
 import json
@@ -30,6 +34,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -43,7 +48,8 @@ from vitcnn.data import FIXED_MEAN, FIXED_STD, BatchLoader, Split
 from vitcnn.models import MODELS
 from vitcnn.models.store import build_model
 from vitcnn.runtime import keep_freed_memory, maybe_compile, resolve_device, resolve_precision, use_deterministic
-from vitcnn.train import make_optimizer, train_step
+from vitcnn.recipes import params_with
+from vitcnn.train import augmentation, make_optimizer, mixing, train_step
 
 ROOT = Path(__file__).resolve().parents[1]
 SEED_PROGRAM = ROOT.parent / "shared" / "reference" / "seed_vit_vs_cnn.py"
@@ -104,15 +110,16 @@ def _sync(device: torch.device) -> None:
 class Engine:
     """The pipeline's training path: on-device uint8 loader, autocast, fused parts, no per-step sync."""
 
-    def __init__(self, name: str, split: Split, device: torch.device, cfg: TrainConfig):
+    def __init__(self, name: str, split: Split, device: torch.device, params: Any, cfg: TrainConfig):
         torch.manual_seed(0)
-        self.model = build_model(name, 10, getattr(Params(), name)).to(device, memory_format=torch.channels_last)
+        self.model = build_model(name, 10, getattr(params, name)).to(device, memory_format=torch.channels_last)
         self.model.train()
         self.optimizer = make_optimizer(self.model, cfg)
         self.dtype = resolve_precision(cfg.precision, device)
         gen = torch.Generator(device=device).manual_seed(0)
         self.loader = BatchLoader(split, cfg.batch_size, device, list(FIXED_MEAN), list(FIXED_STD), shuffle=True,
-                                  crop_padding=cfg.crop_padding, flip=cfg.flip, generator=gen)
+                                  crop_padding=cfg.crop_padding, flip=cfg.flip, generator=gen,
+                                  augment=augmentation(cfg), mix=mixing(cfg, device))
         self.step_model = maybe_compile(self.model, cfg.compile, device, self.loader.example(), self.dtype)
         self.device, self.batches, self.cfg = device, iter(()), cfg
 
@@ -225,6 +232,34 @@ def measure(engine: Engine, baseline: BaselineProcess | None, steps: int, repeat
     return rates
 
 
+def augmentation_ms(engine: Engine, batches: int, repeats: int) -> float | None:
+    """Milliseconds per batch that the recipe's augmentation (policy, erasing, mixup/cutmix) adds to the
+    loader: its loader timed over `batches` batches with and without augmentation, alternating, medians
+    of `repeats` windows. None when the recipe does not augment."""
+    augmented = engine.loader
+    if not (augmented.augment or augmented.mix):
+        return None
+    plain = copy.copy(augmented)
+    plain.augment = plain.mix = None
+
+    def window(loader: BatchLoader) -> float:
+        batches_left, t0 = batches, time.perf_counter()
+        while batches_left:
+            for x, _ in loader:
+                batches_left -= 1
+                if not batches_left:
+                    break
+        _sync(engine.device)  # the last batch's work is done when timed
+        return 1000 * (time.perf_counter() - t0) / batches
+
+    window(augmented), window(plain)  # warm-up
+    times = {"augmented": [], "plain": []}
+    for _ in range(repeats):
+        times["augmented"].append(window(augmented))
+        times["plain"].append(window(plain))
+    return statistics.median(times["augmented"]) - statistics.median(times["plain"])
+
+
 def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated() / 2**20
@@ -241,17 +276,19 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
     parser.add_argument("--compile", default="auto", choices=["auto", "on", "off"])
+    parser.add_argument("--recipe", help="a named recipe (recipes/<name>.yaml): its models, recipes and augmentation")
     parser.add_argument("--json", action="store_true", help="print one JSON object per model")
     args = parser.parse_args()
+    params = params_with(args.recipe, ROOT / "recipes", ROOT / "params.yaml") if args.recipe else Params()
 
     device = resolve_device(args.device)
     keep_freed_memory()  # as the training stage does
     use_deterministic(TrainConfig().deterministic)
     split, data = load_images()
     for name in (MODELS if args.model == "all" else [args.model]):
-        # The model's default recipe (the original program's at the defaults).
-        cfg = dataclasses.replace(recipe_for(Params(), name), precision=args.precision, compile=args.compile)
-        engine = Engine(name, split, device, cfg)
+        # The model's recipe (the original program's at the defaults).
+        cfg = dataclasses.replace(recipe_for(params, name), precision=args.precision, compile=args.compile)
+        engine = Engine(name, split, device, params, cfg)
         baseline = BaselineProcess(name, device, cfg.batch_size) if args.baseline else None
         rates = measure(engine, baseline, args.steps, args.repeats, args.warmup)
         result = {
@@ -267,6 +304,11 @@ def main() -> None:
             "train_images_per_s_windows": [round(r, 1) for r in rates["engine"]],
         }
         result["peak_memory_mb"] = round(peak_memory_mb(device), 1)
+        augment_ms = augmentation_ms(engine, args.steps, args.repeats)
+        if augment_ms is not None:
+            step_ms = 1000 * cfg.batch_size / result["train_images_per_s"]
+            result.update({"recipe": args.recipe, "augment_ms_per_batch": round(augment_ms, 2),
+                           "augment_share_of_step": round(augment_ms / step_ms, 4)})
         if baseline:
             base = statistics.median(rates["baseline"])
             result.update({
@@ -282,6 +324,9 @@ def main() -> None:
             line = f"{name}: {result['train_images_per_s']:.0f} img/s ({result['precision']}, {device})"
             if args.baseline:
                 line += f"; naive {result['baseline_images_per_s']:.0f} img/s; speedup {result['speedup']:.2f}x"
+            if "augment_ms_per_batch" in result:
+                line += (f"; augmentation {result['augment_ms_per_batch']:.1f} ms/batch "
+                         f"({100 * result['augment_share_of_step']:.1f}% of a step)")
             print(line, flush=True)
 
 

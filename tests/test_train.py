@@ -205,6 +205,20 @@ def test_sgd_clipping_and_label_smoothing_act_in_the_step():
     assert loss.item() != pytest.approx(torch.nn.functional.cross_entropy(logits, y).item(), rel=1e-3)
 
 
+def test_strong_augmentation_trains_and_measures_accuracy_against_the_dominant_label():
+    _, plain = train("cnn", epochs=1, select="last")
+    _, augmented = train("cnn", epochs=1, select="last", augment="randaugment", augment_magnitude=15,
+                         erasing=0.5, mixup=0.8, cutmix=1.0, mix_per="image", label_smoothing=0.1)
+    row, base = augmented.history[0], plain.history[0]
+    assert np.isfinite(row["train_loss"]) and 0 <= row["train_acc"] <= 1
+    assert row["train_loss"] != base["train_loss"]  # the batches really were augmented and mixed
+    # Validation never augments: the same data and weights give the same validation numbers.
+    model = tiny("cnn")
+    model.load_state_dict(augmented.state)
+    logits = predict(model, BatchLoader(VAL, 10, CPU, MEAN, STD), torch.float32)
+    assert (logits.argmax(1) == VAL.labels).float().mean().item() == pytest.approx(row["val_acc"], abs=1e-6)
+
+
 # --- torch.compile (the default on CUDA), exercised on the CPU ----------------------------
 
 

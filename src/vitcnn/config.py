@@ -24,6 +24,7 @@ from vitcnn.models import REGISTRY
 from vitcnn.models.spec import ModelSpec
 
 IMAGE_SIZE = 32  # CIFAR images are 32x32; every supported dataset has this size
+BINS = 31  # magnitude bins of the augmentation policies, as torchvision's
 NUM_CLASSES = {"cifar10": 10, "cifar100": 100}
 
 
@@ -56,6 +57,15 @@ class Recipe:
     ema: float = 0.0  # decay of an exponential moving average of the weights, e.g. 0.999; 0 = off
     crop_padding: int = 4  # random crop with this zero padding; 0 turns it off
     flip: bool = True  # random horizontal flip
+    augment: Literal["none", "randaugment", "trivialaugment"] = "none"  # a per-image policy after crop + flip
+    augment_ops: int = 2  # randaugment: ops per image (N)
+    augment_magnitude: int = 9  # randaugment: magnitude bin (M), 0..30
+    cutout: int = 0  # side of a square zeroed per image (Cutout); 0 = off
+    erasing: float = 0.0  # probability of random erasing per image
+    mixup: float = 0.0  # Beta(alpha, alpha) of mixup; 0 = off
+    cutmix: float = 0.0  # Beta(alpha, alpha) of cutmix; 0 = off (with mixup too: one of the two at random)
+    mix_prob: float = 1.0  # chance that a batch (or image) is mixed at all
+    mix_per: Literal["batch", "image"] = "batch"  # one lambda per batch, or one per image
 
 
 @dataclass(frozen=True)
@@ -259,3 +269,11 @@ def _check_recipe(r: Recipe, key: typing.Callable[[str], str]) -> None:
     require(0 <= r.label_smoothing < 1, key("label_smoothing"), r.label_smoothing, "use a number in [0, 1)")
     require(r.ema == 0 or 0 < r.ema < 1, key("ema"), r.ema, "use 0 (off) or a decay in (0, 1), e.g. 0.999")
     require(0 <= r.crop_padding <= IMAGE_SIZE, key("crop_padding"), r.crop_padding, f"use 0..{IMAGE_SIZE}")
+    require(r.augment_ops >= 0, key("augment_ops"), r.augment_ops, "use an integer >= 0 (ops per image)")
+    require(0 <= r.augment_magnitude < BINS, key("augment_magnitude"), r.augment_magnitude,
+            f"use a magnitude bin 0..{BINS - 1}")
+    require(0 <= r.cutout <= IMAGE_SIZE, key("cutout"), r.cutout, f"use 0 (off) .. {IMAGE_SIZE} pixels")
+    for name in ("erasing", "mix_prob"):
+        require(0 <= getattr(r, name) <= 1, key(name), getattr(r, name), "use a probability in [0, 1]")
+    for name in ("mixup", "cutmix"):
+        require(getattr(r, name) >= 0, key(name), getattr(r, name), "use 0 (off) or a Beta alpha > 0, e.g. 0.8")

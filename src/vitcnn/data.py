@@ -6,13 +6,14 @@ split and class, per-channel mean/std of train, source and its sha256).
 
 `BatchLoader` keeps a split on the training device as uint8 and cuts each batch with
 tensor ops: one gather does the random crop (zero padding) and the horizontal flip for
-the whole batch, then the batch is normalised once. No workers, no PIL, no per-image
-Python.
+the whole batch, an optional `augment.Augment` policy works on the uint8 batch, the batch
+is normalised once, and an optional `augment.Mix` mixes it with its labels. No workers,
+no PIL, no per-image Python.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -107,6 +108,9 @@ class BatchLoader:
     With `shuffle`, each epoch draws a fresh order from `generator`; `crop_padding` > 0
     takes a random crop of the zero-padded image and `flip` mirrors half the images,
     each drawn per image from `generator` but applied to the whole batch in one gather.
+    `augment` (uint8 batch, generator -> uint8 batch) and `mix` (batch, labels, generator ->
+    batch, mixed labels) draw from the same generator; without them nothing else is drawn,
+    so the batches are exactly those of crop + flip alone.
     """
 
     def __init__(
@@ -120,10 +124,13 @@ class BatchLoader:
         crop_padding: int = 0,
         flip: bool = False,
         generator: torch.Generator | None = None,
+        augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
+        mix: Callable | None = None,
     ):
-        if (shuffle or crop_padding or flip) and generator is None:
+        if (shuffle or crop_padding or flip or augment or mix) and generator is None:
             raise ValueError("a random order or augmentation needs a seeded generator")
         self.batch_size, self.device, self.shuffle, self.generator = batch_size, device, shuffle, generator
+        self.augment, self.mix = augment, mix
         self.labels = split.labels.to(device)
         self.pad = crop_padding
         self.flip = flip
@@ -153,7 +160,11 @@ class BatchLoader:
             order = torch.arange(n, device=self.device)
         for start in range(0, n, self.batch_size):
             idx = order[start : start + self.batch_size]
-            yield self._normalize(self._gather(idx)), self.labels[idx]
+            images = self._gather(idx)  # (B, H, W, C) uint8
+            if self.augment:
+                images = self.augment(images, self.generator)
+            x, y = self._normalize(images), self.labels[idx]
+            yield self.mix(x, y, self.generator) if self.mix else (x, y)
 
     def _gather(self, idx: torch.Tensor) -> torch.Tensor:
         """(B, H, W, C) uint8: crop and flip as one index computation, one gather."""

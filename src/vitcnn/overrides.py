@@ -43,8 +43,8 @@ def value_text(value: Any) -> str:
     return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
-def check(overrides: list[str], params_path: Path = Path(PARAMS_FILE)) -> None:
-    """Raise ConfigError unless params.yaml with `overrides` applied (as DVC applies them) is valid."""
+def with_overrides(overrides: list[str], params_path: Path = Path(PARAMS_FILE)) -> Any:
+    """The params of params.yaml with `overrides` applied as DVC applies them; ConfigError if invalid."""
     from dvc.utils.hydra import apply_overrides, to_hydra_overrides
 
     if not params_path.is_file():
@@ -62,4 +62,4 @@ def check(overrides: list[str], params_path: Path = Path(PARAMS_FILE)) -> None:
             apply_overrides(copy, list(overrides))
         except Exception as exc:  # DVC's own refusal of a value, e.g. a type hydra cannot merge
             raise ConfigError(first_line(exc)) from None
-        load_params(copy)
+        return load_params(copy)

@@ -9,11 +9,12 @@ apply it: an unknown key or an impossible value is one line naming the recipe an
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import yaml
 
 from vitcnn.errors import ConfigError, UserError
-from vitcnn.overrides import check, flatten, value_text
+from vitcnn.overrides import flatten, value_text, with_overrides
 
 RECIPES = Path("recipes")
 
@@ -42,10 +43,15 @@ def overrides(name: str, folder: Path = RECIPES, params_path: Path = Path("param
         raise RecipeError(f"{path}: expected keys of params.yaml, got {tree!r}")
     sets = [f"{key}={value_text(value)}" for key, value in flatten(tree).items()]
     try:
-        check(sets, params_path)
+        with_overrides(sets, params_path)
     except ConfigError as exc:
         raise RecipeError(f"recipe '{name}' ({path}): {exc}") from None
     return sets
+
+
+def params_with(name: str, folder: Path = RECIPES, params_path: Path = Path("params.yaml")) -> Any:
+    """The params of params.yaml with the recipe applied (as `dvc exp run $(vitcnn recipe NAME)` would)."""
+    return with_overrides(overrides(name, folder, params_path), params_path)
 
 
 def flags(name: str, folder: Path = RECIPES) -> list[str]:

@@ -30,6 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from vitcnn.augment import Augment, Mix, Mixed
 from vitcnn.checkpoint import load_checkpoint, restore_rng_states, rng_states, save_checkpoint
 from vitcnn.config import Recipe, TrainConfig
 from vitcnn.data import BatchLoader, Split
@@ -134,7 +135,8 @@ def fit(
     """
     generator = torch.Generator(device=device).manual_seed(seed)
     train_loader = BatchLoader(train, cfg.batch_size, device, mean, std, shuffle=True,
-                               crop_padding=cfg.crop_padding, flip=cfg.flip, generator=generator)
+                               crop_padding=cfg.crop_padding, flip=cfg.flip, generator=generator,
+                               augment=augmentation(cfg), mix=mixing(cfg, device))
     val_loader = BatchLoader(val, cfg.eval_batch_size, device, mean, std)
     dtype = resolve_precision(cfg.precision, device)
     model.to(device, memory_format=torch.channels_last)  # faster convolutions; no effect on linear layers
@@ -200,6 +202,19 @@ def fit(
                      run.train_time_s, resumed_from)
 
 
+def augmentation(cfg: Recipe) -> Augment | None:
+    """The recipe's per-image augmentation after crop + flip, or None."""
+    augment = Augment(cfg.augment, cfg.augment_ops, cfg.augment_magnitude, cfg.cutout, cfg.erasing)
+    return augment if augment.active else None
+
+
+def mixing(cfg: Recipe, device: torch.device) -> Mix | None:
+    """The recipe's mixup / cutmix, or None."""
+    if not (cfg.mixup or cfg.cutmix):
+        return None
+    return Mix(cfg.mixup, cfg.cutmix, cfg.mix_prob, cfg.mix_per, device)
+
+
 def param_groups(model: nn.Module, cfg: Recipe) -> list[dict[str, Any]]:
     """Weight decay on every parameter (`decay: all`), or only on weight matrices (`matrices`:
     not on norms, biases, or what the model names in `no_weight_decay()`, its embeddings)."""
@@ -222,14 +237,15 @@ def make_optimizer(model: nn.Module, cfg: Recipe = SEED_RECIPE) -> torch.optim.O
     return torch.optim.AdamW(groups, lr=cfg.lr, fused=fused)
 
 
-def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor | Mixed,
                dtype: torch.dtype, cfg: Recipe = SEED_RECIPE, ema: EMA | None = None
                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimisation step; returns the batch's mean loss and its count of correct predictions,
-    both still on the device (reading them is the caller's choice of when to sync)."""
+    """One optimisation step; returns the batch's mean loss and its count of correct predictions
+    (for a mixed batch: of its dominant labels), both still on the device (reading them is the
+    caller's choice of when to sync)."""
     with autocast(x.device, dtype):
         logits = model(x)
-    loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)  # in fp32 whatever the compute dtype
+    loss = _loss(logits.float(), y, cfg.label_smoothing)  # in fp32 whatever the compute dtype
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if cfg.grad_clip:
@@ -237,7 +253,18 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tens
     optimizer.step()
     if ema:
         ema.update()
-    return loss.detach(), (logits.argmax(1) == y).sum()
+    labels = y.dominant if isinstance(y, Mixed) else y
+    return loss.detach(), (logits.argmax(1) == labels).sum()
+
+
+def _loss(logits: torch.Tensor, y: torch.Tensor | Mixed, label_smoothing: float) -> torch.Tensor:
+    """Cross-entropy; for a mixed batch, each image's lam-weighted loss of its two labels (with
+    label smoothing, each of the two is smoothed)."""
+    if not isinstance(y, Mixed):
+        return F.cross_entropy(logits, y, label_smoothing=label_smoothing)
+    per_image = (y.lam * F.cross_entropy(logits, y.a, reduction="none", label_smoothing=label_smoothing)
+                 + (1 - y.lam) * F.cross_entropy(logits, y.b, reduction="none", label_smoothing=label_smoothing))
+    return per_image.mean()
 
 
 def _train_epoch(model, optimizer, loader: BatchLoader, dtype, cfg: Recipe, ema: EMA | None, first_step: int,

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from vitcnn.config import check_key
 from vitcnn.errors import ConfigError, UserError, first_line
-from vitcnn.overrides import PARAMS_FILE, check as check_overrides
+from vitcnn.overrides import PARAMS_FILE, with_overrides
 
 # The param each kind of study varies, and the flag that sets it (seeds vary in every kind).
 AXES = {"seeds": None, "data": ("data.subset", "--subsets"), "budget": ("train.epochs", "--epochs"), "sweep": None}
@@ -102,6 +102,6 @@ def validate(runs: list[Run], params_path: Path) -> None:
     """Apply each run's overrides to a copy of params.yaml as DVC will, and validate the result."""
     for run in runs:
         try:
-            check_overrides(list(run.overrides), params_path)
+            with_overrides(list(run.overrides), params_path)
         except ConfigError as exc:
             raise StudyError(f"run {run.name} ({' '.join(run.overrides)}): {exc}") from None
