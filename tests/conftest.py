@@ -227,8 +227,8 @@ def dvc(*args: str, cwd: Path, env: dict, timeout: int = 300) -> subprocess.Comp
 
 
 def make_tiny_project(base: Path, pythonpath: list[Path] = (), env: dict | None = None) -> tuple[Path, dict]:
-    """base/project: dvc.yaml, params.yaml (tiny models, one epoch), stages/ and src/, committed in a
-    fresh git + DVC repo; its data, 60 + 20 generated images, is base/tiny-cifar10.tar.gz, named by a
+    """base/project: dvc.yaml, params.yaml (tiny models, one epoch), stages/, src/ and the plot
+    templates, committed in a fresh git + DVC repo; its data, 60 + 20 generated images, is base/tiny-cifar10.tar.gz, named by a
     relative data.source. Returns the repo and the environment to run it in: this venv's python
     first on PATH, the copied src/ on PYTHONPATH (after `pythonpath`), no analytics."""
     repo = base / "project"
@@ -268,6 +268,9 @@ def make_tiny_project(base: Path, pythonpath: list[Path] = (), env: dict | None 
     run(["git", "config", "user.email", "test@example.com"], repo, env)
     run(["git", "config", "commit.gpgsign", "false"], repo, env)
     dvc("init", "-q", cwd=repo, env=env)
+    # The project's plot templates, as its own .dvc/ has them (dvc.yaml names one).
+    shutil.copytree(ROOT / ".dvc" / "plots", repo / ".dvc" / "plots", dirs_exist_ok=True)
+    dvc("config", "plots.html_template", "plots/offline.html", cwd=repo, env=env)
     run(["git", "add", "-A"], repo, env)
     run(["git", "commit", "-q", "-m", "tiny project"], repo, env)
     return repo, env

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import csv
 import json
+import re
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -207,3 +210,48 @@ def test_a_vit_recipe_key_reruns_only_the_vits_training_and_what_depends_on_it(p
     assert read_json(repo / "metrics" / "train_cnn.json")["recipe"]["lr"] == 0.0003
     history = read_csv(repo / "plots" / "train" / "vit.csv")
     assert float(history[0]["lr"]) == 0.002
+
+
+# --- dvc plots show / diff, drawn offline in a real browser -------------------------------------
+
+CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
+
+
+def render_offline(page: Path, tmp: Path, screenshot: Path | None = None) -> str:
+    """The page's DOM after its scripts ran in headless Chromium, every network request failing
+    (a proxy that does not exist; file:// pages are read directly); optionally a screenshot."""
+    flags = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={tmp}", "--proxy-server=http://127.0.0.1:9", "--proxy-bypass-list=<-loopback>",
+             "--virtual-time-budget=20000", "--window-size=1280,1600"]
+    if screenshot:
+        subprocess.run([*flags, f"--screenshot={screenshot}", page.as_uri()], capture_output=True, timeout=180,
+                       check=True)
+    return subprocess.run([*flags, "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=180,
+                          check=True).stdout
+
+
+def assert_every_chart_drew(repo: Path, tmp: Path, page: Path, screenshot: Path | None = None) -> int:
+    html = page.read_text()
+    assert not re.search(r"<script[^>]+src=[\"']?https?://", html), "the page loads a script from the network"
+    declared = html.count("vegaEmbed(")
+    assert declared >= 8  # loss, accuracy, lr, 2 confusion matrices, per-class bars, 4 trade-off scatters
+    dom = render_offline(page, tmp, screenshot)
+    drawn = len(re.findall(r"<canvas[^>]*class=\"marks\"|<svg[^>]*class=\"marks\"", dom))
+    assert drawn == declared, f"{drawn} of {declared} Vega charts drew"
+    assert 'img' in dom and "static/" in dom  # the PNG figures are on the page too
+    return declared
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no Chromium on this machine (apt-get install chromium)")
+def test_dvc_plots_show_and_diff_draw_every_chart_offline(project, tmp_path):
+    repo, env = project["repo"], project["env"]
+    dvc("plots", "show", "-o", str(tmp_path / "show"), cwd=repo, env=env)
+    screenshot = tmp_path / "plots.png"
+    assert_every_chart_drew(repo, tmp_path / "browser-show", tmp_path / "show" / "index.html", screenshot)
+    assert screenshot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # The committed results against the workspace (the experiments above changed it): two revisions per chart.
+    dvc("plots", "diff", "HEAD", "-o", str(tmp_path / "diff"), cwd=repo, env=env)
+    assert_every_chart_drew(repo, tmp_path / "browser-diff", tmp_path / "diff" / "index.html")
+    assert '"rev": "HEAD"' in (tmp_path / "diff" / "index.html").read_text()
