@@ -250,6 +250,7 @@ def make_tiny_project(base: Path, pythonpath: list[Path] = (), env: dict | None 
     params["cnn"].update(channels=[8, 16])
     params["evaluate"].update(latency_runs=2, throughput_batches=1)
     params["visualize"].update(num_images=2)
+    params["robustness"].update(subset=0, severities=[1, 5], occlusion_fractions=[0.5])
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
     env = {

@@ -186,6 +186,12 @@ METRICS = {
 }
 
 
+ROBUSTNESS = {  # as metrics/robustness.json writes them
+    "vit": {"subset_clean_acc": 0.6, "corruption_acc": 0.45, "relative_robustness": 0.75, "occlusion_patches_acc": 0.4,
+            "occlusion_box_acc": 0.5, "ece": 0.031, "nll": 1.1, "brier": 0.5},
+    "cnn": {"subset_clean_acc": 0.8, "corruption_acc": 0.5, "relative_robustness": 0.625, "occlusion_patches_acc": 0.3,
+            "occlusion_box_acc": 0.45, "ece": 0.082, "nll": 0.9, "brier": 0.4},
+}
 RECIPES = {"vit": {"optimizer": "adamw", "lr": 0.001, "epochs": 2}, "cnn": {"optimizer": "sgd", "lr": 0.1, "epochs": 2}}
 
 
@@ -218,6 +224,14 @@ def project(tmp_path_factory) -> Path:
         write_csv(root / "plots/evaluate/per_class" / f"{name}.csv", ["class", "accuracy"],
                   [[c, round(accuracy(i), 6)] for i, c in enumerate(CLASSES)])
     write_json(root / "metrics/evaluate.json", METRICS)
+    write_json(root / "metrics/robustness.json", ROBUSTNESS)
+    for name in MODELS:
+        write_csv(root / "plots/robustness/corruptions" / f"{name}.csv", ["corruption", "severity", "accuracy"],
+                  [[c, s, 0.5 - 0.05 * s] for c in ("gaussian_noise", "contrast") for s in (1, 3, 5)])
+        write_csv(root / "plots/robustness/occlusion" / f"{name}.csv", ["fraction", "patches", "box"],
+                  [[f, 0.6 - f / 2, 0.6 - f / 3] for f in (0.0, 0.5)])
+        write_csv(root / "plots/robustness/reliability" / f"{name}.csv",
+                  ["confidence", "accuracy", "count", "lower", "upper"], [[0.3, 0.25, 10, 0.2, 0.4], [0.7, 0.8, 20, 0.6, 0.8]])
     (root / "params.yaml").write_text("visualize:\n  num_images: 3\n  mistakes: 2\n  dpi: 40\n")
 
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
@@ -236,6 +250,13 @@ def test_report_shows_both_models_metrics_exactly_as_written(project):
         as_written = re.findall(rf'"{key}": ("?[^,\n]*?"?),?\n', written)  # ViT's, then the CNN's
         assert len(as_written) == 2, key
         assert rows[key] == [text.strip('"') for text in as_written], f"{key}: {rows.get(key)} vs {as_written}"
+
+
+def test_report_reads_robustness_and_calibration_from_its_metrics(project):
+    report = (project / "plots/report.md").read_text()
+    assert "| relative robustness (corrupted / clean) (`relative_robustness`) | 0.75 | 0.625 |" in report
+    assert "the ViT keeps 75% of its clean accuracy; the CNN keeps 62% of its clean accuracy" in report
+    assert "ViT 0.031, CNN 0.082; the ViT is the better calibrated" in report
 
 
 def test_report_lists_what_differs_and_links_every_figure(project):

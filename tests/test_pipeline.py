@@ -107,10 +107,33 @@ def test_repro_evaluates_both_models_on_the_test_split(project):
         assert sorted(a for a, *_ in rows[1:]) == sorted(classes * 2)  # every test image, once
 
 
+def test_repro_measures_robustness_and_calibration(project):
+    repo = project["repo"]
+    metrics = read_json(repo / "metrics" / "robustness.json")
+    assert set(metrics) == set(MODELS)
+    evaluate = read_json(repo / "metrics" / "evaluate.json")
+    for name in MODELS:
+        m = metrics[name]
+        assert {"corruption_acc", "relative_robustness", "occlusion_patches_acc", "ece", "nll", "brier"} <= set(m)
+        # The subset is the whole (tiny) test split here: its clean accuracy is evaluate's.
+        assert m["subset_clean_acc"] == pytest.approx(evaluate[name]["test_acc"], abs=1e-6)
+        severity = read_csv(repo / "plots" / "robustness" / "severity" / f"{name}.csv")
+        assert [row["severity"] for row in severity] == ["0", "1", "5"]
+        occlusion = read_csv(repo / "plots" / "robustness" / "occlusion" / f"{name}.csv")
+        assert [float(row["fraction"]) for row in occlusion] == [0.0, 0.5]
+        assert float(occlusion[0]["patches"]) == pytest.approx(m["subset_clean_acc"])
+        bins = read_csv(repo / "plots" / "robustness" / "reliability" / f"{name}.csv")
+        assert sum(int(b["count"]) for b in bins) == TEST_IMAGES
+    shown = json.loads(dvc("metrics", "show", "--json", cwd=repo, env=project["env"]).stdout)
+    assert set(MODELS) <= set(_find_metrics(shown, "metrics/robustness.json"))
+    assert "Robustness and calibration" in (repo / "plots" / "report.md").read_text()
+
+
 def test_repro_draws_the_figures(project):
     images = project["repo"] / "plots" / "images"
     pngs = sorted(p.name for p in images.glob("*.png"))
-    assert {"learning_curves.png", "confusion.png", "vit_attention.png", "cnn_features.png"} <= set(pngs)
+    assert {"learning_curves.png", "confusion.png", "vit_attention.png", "cnn_features.png", "robustness.png",
+            "occlusion.png", "reliability.png"} <= set(pngs)
     for name in pngs:
         assert (images / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -44,6 +44,10 @@ class Results:
     metrics: dict[str, dict]  # metrics/evaluate.json
     train_metrics: dict[str, dict]  # metrics/train_<model>.json
     models: dict[str, tuple[nn.Module, dict]]  # (model in eval mode on the CPU, its config.json)
+    robustness: dict[str, dict]  # metrics/robustness.json
+    corruptions: dict[str, list[dict]]  # rows of plots/robustness/corruptions/<model>.csv
+    occlusion: dict[str, list[dict]]
+    reliability: dict[str, list[dict]]
 
     @property
     def actual(self) -> np.ndarray:
@@ -65,6 +69,10 @@ def read_results(classes: list[str], test: Split, plots: Path, metrics_dir: Path
         metrics=read_json(metrics_dir / "evaluate.json"),
         train_metrics={n: read_json(metrics_dir / f"train_{n}.json") for n in MODELS},
         models={n: load_model(models_dir / n) for n in MODELS},
+        robustness=read_json(metrics_dir / "robustness.json"),
+        corruptions={n: _rows(plots / "robustness" / "corruptions" / f"{n}.csv") for n in MODELS},
+        occlusion={n: _rows(plots / "robustness" / "occlusion" / f"{n}.csv") for n in MODELS},
+        reliability={n: _rows(plots / "robustness" / "reliability" / f"{n}.csv") for n in MODELS},
     )
 
 
@@ -102,6 +110,11 @@ class Figures:
         viz.per_class_bars({n: [float(a) for a in acc] for n, acc in r.per_class.items()}, r.classes,
                            out / "per_class.png", cfg.dpi)
         viz.tradeoffs(r.metrics, out / "tradeoffs.png", cfg.dpi)
+        viz.robustness_curves(r.corruptions, {n: r.robustness[n]["subset_clean_acc"] for n in MODELS},
+                              out / "robustness.png", cfg.dpi)
+        viz.occlusion_curves(r.occlusion, out / "occlusion.png", cfg.dpi)
+        viz.reliability_diagrams(r.reliability, {n: r.robustness[n]["ece"] for n in MODELS}, out / "reliability.png",
+                                 cfg.dpi)
 
         sample_looks = self.where_models_look(self.sample, "fixed, seeded test images", out / "compare_sample.png")
         for name, picked in self.mistakes.items():
@@ -209,6 +222,7 @@ def write_report(results: Results, figures: Figures, dataset: str, path: Path) -
              "`metrics/`, `models/*/config.json` and `plots/evaluate/`; every figure is in "
              f"`{out.as_posix()}/`.")
     title = f"{' vs '.join(viz.label(n) for n in MODELS)} on {dataset}"
-    text = viz.report(title, intro, results.metrics, setups, results.classes, results.per_class, listed)
+    text = viz.report(title, intro, results.metrics, setups, results.classes, results.per_class, results.robustness,
+                      listed)
     with atomic_write(path) as tmp:
         tmp.write_text(text)

@@ -25,6 +25,9 @@ from vitcnn.models.spec import ModelSpec
 
 IMAGE_SIZE = 32  # CIFAR images are 32x32; every supported dataset has this size
 BINS = 31  # magnitude bins of the augmentation policies, as torchvision's
+# CIFAR-10-C's corruptions that vitcnn.corruptions generates (the names of the official .npy files)
+CORRUPTION_NAMES = ("gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "gaussian_blur", "contrast",
+                    "brightness", "saturate", "pixelate", "jpeg_compression")
 NUM_CLASSES = {"cifar10": 10, "cifar100": 100}
 
 
@@ -102,6 +105,18 @@ class EvaluateConfig:
 
 
 @dataclass(frozen=True)
+class RobustnessConfig:
+    subset: int = 500  # test images (stratified, seeded) for corruptions and occlusion; 0 = all
+    corruptions: list[str] = field(default_factory=lambda: list(CORRUPTION_NAMES))
+    severities: list[int] = field(default_factory=lambda: [1, 2, 3, 4, 5])
+    occlusion_fractions: list[float] = field(default_factory=lambda: [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9])
+    occlusion_patch: int = 4  # side of the square cells removed at random (the ViT's patch at the defaults)
+    calibration_bins: int = 15  # equal-width confidence bins for the ECE and the reliability diagram
+    cifar10c: str = ""  # a folder with the official CIFAR-10-C .npy files: used instead of generating them
+    batch_size: int = 500
+
+
+@dataclass(frozen=True)
 class VisualizeConfig:
     num_images: int = 8  # fixed test images for attention and feature maps
     classes: list[str] = field(default_factory=list)  # empty = any class
@@ -118,6 +133,7 @@ Params = dataclasses.make_dataclass("Params", [
     ("train", TrainConfig, field(default_factory=TrainConfig)),
     *((name, section, field(default_factory=section)) for name, section in MODEL_SECTIONS.items()),
     ("evaluate", EvaluateConfig, field(default_factory=EvaluateConfig)),
+    ("robustness", RobustnessConfig, field(default_factory=RobustnessConfig)),
     ("visualize", VisualizeConfig, field(default_factory=VisualizeConfig)),
 ], frozen=True)
 Params.__doc__ = "Every section of params.yaml; one section per registered model, named after it."
@@ -248,10 +264,26 @@ def _check_values(p: Any) -> None:
     require(e.batch_size >= 1, "evaluate.batch_size", e.batch_size, "use an integer >= 1")
     require(e.throughput_batches >= 1, "evaluate.throughput_batches", e.throughput_batches, "use an integer >= 1")
     require(e.latency_runs >= 1, "evaluate.latency_runs", e.latency_runs, "use an integer >= 1")
+    _check_robustness(p.robustness)
     require(vis.num_images >= 1, "visualize.num_images", vis.num_images, "use an integer >= 1")
     require(vis.feature_channels >= 1, "visualize.feature_channels", vis.feature_channels, "use an integer >= 1")
     require(vis.mistakes >= 1, "visualize.mistakes", vis.mistakes, "use an integer >= 1")
     require(vis.dpi >= 30, "visualize.dpi", vis.dpi, "use an integer >= 30")
+
+
+def _check_robustness(r: RobustnessConfig) -> None:
+    require(r.subset >= 0, "robustness.subset", r.subset, "use 0 (the whole test split) or a count of test images")
+    unknown = [c for c in r.corruptions if c not in CORRUPTION_NAMES]
+    require(not unknown, "robustness.corruptions", unknown[0] if unknown else None,
+            f"use any of {', '.join(CORRUPTION_NAMES)}")
+    bad = [s for s in r.severities if not 1 <= s <= 5]
+    require(not bad, "robustness.severities", bad[0] if bad else None, "use severities 1..5")
+    bad = [f for f in r.occlusion_fractions if not 0 <= f < 1]
+    require(not bad, "robustness.occlusion_fractions", bad[0] if bad else None, "use fractions in [0, 1)")
+    require(r.occlusion_patch >= 1 and IMAGE_SIZE % r.occlusion_patch == 0, "robustness.occlusion_patch",
+            r.occlusion_patch, f"the image size {IMAGE_SIZE} must be divisible by it")
+    require(r.calibration_bins >= 1, "robustness.calibration_bins", r.calibration_bins, "use an integer >= 1")
+    require(r.batch_size >= 1, "robustness.batch_size", r.batch_size, "use an integer >= 1")
 
 
 def _check_recipe(r: Recipe, key: typing.Callable[[str], str]) -> None:

@@ -50,6 +50,14 @@ METRIC_LABELS = {
     "train_time_s": "training time, s",
     "device": "evaluated on",
     "precision": "evaluation precision",
+    "subset_clean_acc": "accuracy on the clean subset",
+    "corruption_acc": "accuracy under corruption",
+    "relative_robustness": "relative robustness (corrupted / clean)",
+    "occlusion_patches_acc": "accuracy, random patches removed",
+    "occlusion_box_acc": "accuracy, a central box removed",
+    "ece": "expected calibration error",
+    "nll": "negative log-likelihood",
+    "brier": "Brier score",
 }
 
 
@@ -327,6 +335,73 @@ def mistakes_grid(
     save_figure(fig, path, dpi)
 
 
+def robustness_curves(by_corruption: dict[str, list[dict]], clean: dict[str, float], path: Path, dpi: int) -> None:
+    """Accuracy against severity (0 = clean), one panel per corruption and one for their mean.
+
+    by_corruption: model -> rows of plots/robustness/corruptions/<model>.csv (corruption, severity, accuracy).
+    """
+    corruptions = list(dict.fromkeys(r["corruption"] for rows in by_corruption.values() for r in rows))
+    panels = [*corruptions, "mean of all"]
+    cols = min(4, len(panels))
+    fig, axes = plt.subplots(-(-len(panels) // cols), cols, figsize=(3.2 * cols, 2.7 * -(-len(panels) // cols)),
+                             squeeze=False, layout="constrained", sharey=True)
+    for ax, panel in zip(axes.flat, panels):
+        for name, rows in by_corruption.items():
+            chosen = [r for r in rows if panel in (r["corruption"], "mean of all")]
+            severities = sorted({int(r["severity"]) for r in chosen})
+            acc = [np.mean([float(r["accuracy"]) for r in chosen if int(r["severity"]) == s]) for s in severities]
+            ax.plot([0, *severities], [100 * clean[name], *(100 * a for a in acc)], "-o", ms=3, color=color(name),
+                    label=label(name))
+        ax.set(title=panel.replace("_", " "), xlabel="severity", ylim=(0, 100))
+        ax.grid(alpha=0.3)
+    for ax in axes[:, 0]:
+        ax.set_ylabel("accuracy (%)")
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
+    axes.flat[0].legend(fontsize=8)
+    fig.suptitle("Accuracy under CIFAR-10-C corruptions (severity 0: the clean images)")
+    save_figure(fig, path, dpi)
+
+
+def occlusion_curves(occlusion: dict[str, list[dict]], path: Path, dpi: int) -> None:
+    """Accuracy against the fraction removed: random patches, and one central box.
+
+    occlusion: model -> rows of plots/robustness/occlusion/<model>.csv (fraction, patches, box).
+    """
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), layout="constrained", sharey=True)
+    for ax, kind, title in zip(axes, ("patches", "box"), ("random patches removed", "a central box removed")):
+        for name, rows in occlusion.items():
+            ax.plot([100 * float(r["fraction"]) for r in rows], [100 * float(r[kind]) for r in rows], "-o", ms=3,
+                    color=color(name), label=label(name))
+        ax.set(title=title, xlabel="fraction of the image removed (%)", ylim=(0, 100))
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("accuracy (%)")
+    axes[0].legend(fontsize=8)
+    fig.suptitle("Accuracy under occlusion (removed pixels set to the mean colour)")
+    save_figure(fig, path, dpi)
+
+
+def reliability_diagrams(bins: dict[str, list[dict]], ece: dict[str, float], path: Path, dpi: int) -> None:
+    """Accuracy per confidence bin against the diagonal of perfect calibration, one panel per model.
+
+    bins: model -> rows of plots/robustness/reliability/<model>.csv (lower, upper, confidence, accuracy, count).
+    """
+    fig, axes = plt.subplots(1, len(bins), figsize=(3.8 * len(bins), 3.8), squeeze=False, layout="constrained")
+    for ax, (name, rows) in zip(axes[0], bins.items()):
+        lower = [float(r["lower"]) for r in rows]
+        width = [float(r["upper"]) - float(r["lower"]) for r in rows]
+        ax.bar(lower, [float(r["accuracy"]) for r in rows], width=width, align="edge", color=color(name),
+               edgecolor="white", label="accuracy")
+        ax.plot([float(r["confidence"]) for r in rows], [float(r["confidence"]) for r in rows], "k.", ms=4,
+                label="mean confidence")
+        ax.plot([0, 1], [0, 1], "k--", lw=0.8)
+        ax.set(title=f"{label(name)} (ECE {ece[name]:.3f})", xlabel="confidence", ylabel="accuracy", xlim=(0, 1),
+               ylim=(0, 1))
+        ax.legend(fontsize=7, loc="upper left")
+    fig.suptitle("Reliability on the clean test split")
+    save_figure(fig, path, dpi)
+
+
 def figure_captions(specs: Sequence[ModelSpec]) -> dict[str, tuple[str, str]]:
     """The figures the report shows, in its order: file stem -> (heading, what it shows)."""
     looks = "; ".join(f"the {s.label}'s " + ("attention rollout" if s.explains == "attention" else
@@ -355,6 +430,14 @@ def figure_captions(specs: Sequence[ModelSpec]) -> dict[str, tuple[str, str]]:
             captions[f"{s.name}_features"] = (f"{s.label} feature maps and Grad-CAM", (
                 "The strongest channels of each block's output, and Grad-CAM of the predicted class on the last "
                 "block (its low resolution makes it coarse)."))
+    captions["robustness"] = ("Accuracy under corruption", (
+        "Test accuracy on a fixed subset of the test split under CIFAR-10-C's corruptions at severities 1-5 "
+        "(0: clean), per corruption and averaged."))
+    captions["occlusion"] = ("Accuracy under occlusion", (
+        "Test accuracy as a growing fraction of each image is removed: random patches, or one central box."))
+    captions["reliability"] = ("Calibration", (
+        "Accuracy per confidence bin against the diagonal of perfect calibration, and the expected "
+        "calibration error (equal-width bins)."))
     captions["learning_curves"] = ("Learning curves", "Loss and accuracy per epoch, train and validation.")
     captions["confusion"] = ("Confusion matrices", "Rows: true class; each row sums to 1.")
     return captions
@@ -370,6 +453,19 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     return lines + ["| " + " | ".join(row) + " |" for row in rows]
 
 
+def robustness_reading(robustness: dict[str, dict]) -> list[str]:
+    """Two sentences on what metrics/robustness.json shows: who keeps more accuracy, who is better calibrated."""
+    models = list(robustness)
+    kept = sorted(models, key=lambda m: -robustness[m]["relative_robustness"])
+    calibrated = sorted(models, key=lambda m: robustness[m]["ece"])
+    keeps = "; ".join(f"the {label(m)} keeps {100 * robustness[m]['relative_robustness']:.0f}% of its clean accuracy"
+                      for m in kept)
+    errors = ", ".join(f"{label(m)} {robustness[m]['ece']:.3f}" for m in calibrated)
+    return [f"Under corruption {keeps}, so the {label(kept[0])} degrades more gracefully here.",
+            f"Expected calibration error (lower: confidence closer to accuracy): {errors}; the {label(calibrated[0])} "
+            "is the better calibrated."]
+
+
 def report(
     title: str,
     intro: str,
@@ -377,11 +473,13 @@ def report(
     setups: dict[str, dict[str, Any]],
     classes: list[str],
     per_class: dict[str, Sequence[str]],
+    robustness: dict[str, dict],
     figures: Sequence[tuple[str, str, str]],
 ) -> str:
     """The one-page Markdown report.
 
-    metrics: model -> its entry of metrics/evaluate.json (shown exactly as written).
+    metrics: model -> its entry of metrics/evaluate.json (shown exactly as written); robustness:
+    the same of metrics/robustness.json.
     setups: model -> {setting (Markdown): value}; the settings on which the models differ
     make a table, the rest one list. per_class: model -> accuracy per
     class as written. figures: (heading, relative path, what it shows).
@@ -405,6 +503,14 @@ def report(
 
     lines += ["", "## Per-class test accuracy", ""]
     lines += _table(["class", *names], [[c, *(per_class[m][i] for m in models)] for i, c in enumerate(classes)])
+
+    lines += ["", "## Robustness and calibration", "", "As written in `metrics/robustness.json`: accuracy on a "
+              "fixed test subset, clean and under CIFAR-10-C's corruptions (mean over corruptions and severities) "
+              "and occlusion (mean over the fractions removed); calibration on the whole test split.", ""]
+    keys = list(dict.fromkeys(k for m in models for k in robustness[m]))
+    lines += _table(["metric", *names], [[f"{METRIC_LABELS.get(k, k)} (`{k}`)",
+                                          *(as_written(robustness[m].get(k, "—")) for m in models)] for k in keys])
+    lines += ["", *robustness_reading(robustness)]
 
     lines += ["", "## Figures", ""]
     for heading, link, caption in figures:

@@ -18,9 +18,11 @@ from vitcnn.overrides import flatten
 from vitcnn.study.queue import dvc
 
 EVALUATE_METRICS = "metrics/evaluate.json"  # {model: {test_acc, train_time_s, ...}}
+ROBUSTNESS_METRICS = "metrics/robustness.json"  # {model: {corruption_acc, ece, ...}}
 TRAIN_METRICS = "metrics/train_{model}.json"  # {train_images_per_s, ...}
 # The metrics a study summarizes, per model, and the file each comes from.
-SUMMARIZED = {"test_acc": EVALUATE_METRICS, "train_time_s": EVALUATE_METRICS, "train_images_per_s": TRAIN_METRICS}
+SUMMARIZED = {"test_acc": EVALUATE_METRICS, "train_time_s": EVALUATE_METRICS, "train_images_per_s": TRAIN_METRICS,
+              "corruption_acc": ROBUSTNESS_METRICS, "ece": ROBUSTNESS_METRICS}
 STAGE_ERROR = re.compile(r"^\S+: error: ")
 
 
@@ -94,7 +96,8 @@ def _metrics(files: dict) -> dict[str, dict[str, float]]:
         if not isinstance(values, dict):
             continue
         train = (files.get(TRAIN_METRICS.format(model=model)) or {}).get("data") or {}
-        sources = {EVALUATE_METRICS: values, TRAIN_METRICS: train}
+        robust = ((files.get(ROBUSTNESS_METRICS) or {}).get("data") or {}).get(model) or {}
+        sources = {EVALUATE_METRICS: values, TRAIN_METRICS: train, ROBUSTNESS_METRICS: robust}
         metrics[model] = {metric: float(sources[file][metric]) for metric, file in SUMMARIZED.items()
                           if isinstance(sources[file].get(metric), (int, float))}
     return metrics

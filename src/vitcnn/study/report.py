@@ -25,6 +25,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from vitcnn.io import atomic_write  # noqa: E402
+from vitcnn.study.experiments import SUMMARIZED  # noqa: E402
 from vitcnn.study.summary import Estimate, Group, Summary  # noqa: E402
 from vitcnn.visualize import color, label, save_figure  # noqa: E402
 
@@ -110,6 +111,19 @@ def cost_table(summary: Summary) -> str:
     return _markdown_table(head, rows)
 
 
+def robustness_table(summary: Summary) -> str | None:
+    """Accuracy under corruption and ECE per group and model, where the runs measured them."""
+    models = _models(summary)
+    measured = [m for m in models if any("corruption_acc" in g.metrics.get(m, {}) for g in summary.groups)]
+    if not measured:
+        return None
+    head = ["group", *(f"{label(m)} {what}" for m in measured for what in ("acc. under corruption", "ECE"))]
+    rows = [[group_label(g, summary), *(cell for m in measured for cell in (
+        percent(g.metrics.get(m, {}).get("corruption_acc")), plain(g.metrics.get(m, {}).get("ece"))))]
+        for g in summary.groups]
+    return _markdown_table(head, rows)
+
+
 def markdown(summary: Summary, title: str, figures: list[str]) -> str:
     n_runs = sum(len(g.experiments) for g in summary.groups)
     commits = sorted({g.baseline[:7] for g in summary.groups})
@@ -126,6 +140,9 @@ def markdown(summary: Summary, title: str, figures: list[str]) -> str:
                   + ", ".join(f"`{k}={_value(v)}`" for k, v in summary.shared.items()) + "."]
     if summary.groups:
         lines += ["", "## Test accuracy", "", table(summary), "", "## Training cost", "", cost_table(summary)]
+        robust = robustness_table(summary)
+        if robust:
+            lines += ["", "## Robustness and calibration", "", robust]
     if figures:
         lines += ["", "## Figures", ""] + [f"![{name}]({name})" for name in figures]
     if summary.failed:
@@ -137,7 +154,7 @@ def markdown(summary: Summary, title: str, figures: list[str]) -> str:
 
 def to_csv(summary: Summary) -> str:
     """One row per group and model: the varying params, n, seeds, every estimate, the paired difference."""
-    metrics = ["test_acc", "train_time_s", "train_images_per_s"]
+    metrics = list(SUMMARIZED)
     head = [*summary.varying, "commit", "model", "n", "seeds"]
     head += [f"{m}_{part}" for m in metrics for part in ("mean", "std", "ci95_low", "ci95_high")]
     head += ["diff_test_acc_mean", "diff_test_acc_ci95_low", "diff_test_acc_ci95_high"]

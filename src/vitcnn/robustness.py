@@ -1,0 +1,201 @@
+"""Beyond clean accuracy: accuracy under corruptions and occlusion, and calibration, per model.
+
+- Corruptions: a fixed, seeded, stratified subset of the test split under CIFAR-10-C's
+  corruptions (vitcnn.corruptions) at severities 1-5, or the official CIFAR-10-C files when
+  given. Each (corruption, severity) is generated once, from its own seed, and every model
+  sees the very same images.
+- Occlusion: a growing fraction of each image removed — random square patches on a grid
+  (the ViT's patch size at the defaults) or one central box — replaced by the dataset's
+  mean colour (0 after normalisation), the same pixels for every model.
+- Calibration, on the whole clean test split: expected calibration error over equal-width
+  confidence bins (Guo et al. 2017), negative log-likelihood and the Brier score, and the
+  reliability diagram's bins.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from vitcnn.config import RobustnessConfig
+from vitcnn.corruptions import CORRUPTIONS, corrupt
+from vitcnn.data import BatchLoader, Split, stratified_split
+from vitcnn.errors import DataError
+from vitcnn.runtime import autocast, predict
+
+
+@dataclass
+class Calibration:
+    ece: float
+    nll: float
+    brier: float
+    bins: list[dict[str, float]]  # per bin: lower and upper confidence, mean confidence, accuracy, count
+
+
+@dataclass
+class ModelRobustness:
+    clean_acc: float  # on the subset
+    corruption_acc: dict[str, dict[int, float]] = field(default_factory=dict)  # {corruption: {severity: acc}}
+    occlusion_acc: dict[str, dict[float, float]] = field(default_factory=dict)  # {"patches"|"box": {fraction: acc}}
+    calibration: Calibration | None = None
+
+    def mean_corruption_acc(self) -> float:
+        return float(np.mean([acc for severities in self.corruption_acc.values() for acc in severities.values()]))
+
+    def summary(self) -> dict[str, float]:
+        """The numbers for metrics/robustness.json (dvc metrics diff, dvc exp show, study summaries)."""
+        mean = self.mean_corruption_acc()
+        out = {
+            "subset_clean_acc": round(self.clean_acc, 6),
+            "corruption_acc": round(mean, 6),
+            "relative_robustness": round(mean / self.clean_acc, 6) if self.clean_acc else 0.0,
+        }
+        for kind, by_fraction in self.occlusion_acc.items():
+            out[f"occlusion_{kind}_acc"] = round(float(np.mean(list(by_fraction.values()))), 6)
+        if self.calibration:
+            out |= {"ece": round(self.calibration.ece, 6), "nll": round(self.calibration.nll, 6),
+                    "brier": round(self.calibration.brier, 6)}
+        return out
+
+
+def pick_subset(labels: torch.Tensor, size: int, seed: int) -> torch.Tensor:
+    """Sorted indices of a stratified, seeded subset of `size` test images (all when 0 or larger)."""
+    n = len(labels)
+    if size == 0 or size >= n:
+        return torch.arange(n)
+    taken, _ = stratified_split(labels.numpy(), size, np.random.default_rng(seed))
+    return torch.from_numpy(taken)
+
+
+def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, config: dict, device: torch.device,
+             dtype: torch.dtype, batch_size: int, occlude: torch.Tensor | None = None) -> float:
+    """Top-1 accuracy of `model` on uint8 images (N, H, W, C), normalised as it was trained; `occlude`
+    (N, 1, H, W) bool marks pixels replaced by the mean colour (0 after normalisation)."""
+    loader = BatchLoader(Split(images, labels), batch_size, device, config["mean"], config["std"])
+    keep = None if occlude is None else (~occlude).to(device)
+    model.eval()
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    with torch.no_grad(), autocast(device, dtype):
+        for start, (x, y) in zip(range(0, len(labels), batch_size), loader):
+            if keep is not None:
+                x = x * keep[start : start + len(x)]
+            correct += (model(x).argmax(1) == y).sum()
+    return correct.item() / len(labels)
+
+
+def corrupted_images(images: torch.Tensor, name: str, severity: int, seed: int, cfg: RobustnessConfig,
+                     official: dict[str, np.ndarray] | None, subset: torch.Tensor) -> torch.Tensor:
+    """(N, H, W, C) uint8: the subset's images under `name` at `severity`, generated from a seed of
+    their own, or read from the official CIFAR-10-C arrays."""
+    if official is not None:
+        n_test = official[name].shape[0] // 5
+        return torch.from_numpy(official[name][(severity - 1) * n_test + subset.numpy()])
+    generator = torch.Generator(device=images.device).manual_seed(seed * 1000 + CORRUPTIONS.index(name) * 10 + severity)
+    out = []
+    for start in range(0, len(images), cfg.batch_size):
+        batch = images[start : start + cfg.batch_size].permute(0, 3, 1, 2)  # (B, C, H, W)
+        out.append(corrupt(batch, name, severity, generator).permute(0, 2, 3, 1))
+    return torch.cat(out)
+
+
+def occlusion_masks(n: int, size: int, fraction: float, kind: str, patch: int, seed: int) -> torch.Tensor:
+    """(n, 1, size, size) bool: True where removed. `patches`: round(fraction * cells) random cells of
+    a patch x patch grid per image (seeded); `box`: one centred square of that area fraction."""
+    if kind == "box":
+        side = round(size * math.sqrt(fraction))
+        lo = (size - side) // 2
+        mask = torch.zeros(1, 1, size, size, dtype=torch.bool)
+        mask[..., lo : lo + side, lo : lo + side] = True
+        return mask.expand(n, 1, size, size)
+    grid = size // patch
+    cells = grid * grid
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.rand(n, cells, generator=generator).argsort(1)
+    dropped = order < round(fraction * cells)  # (n, cells): the first k of a random order
+    mask = dropped.view(n, 1, grid, grid).repeat_interleave(patch, 2).repeat_interleave(patch, 3)
+    return mask
+
+
+def calibration(logits: torch.Tensor, labels: torch.Tensor, bins: int) -> Calibration:
+    """ECE over `bins` equal-width confidence bins (the gap between confidence and accuracy, weighted by
+    each bin's share of images), NLL and the Brier score (squared error of the probability vector)."""
+    probs = logits.float().softmax(1)
+    confidence, predicted = probs.max(1)
+    correct = (predicted == labels).float()
+    edges = torch.linspace(0, 1, bins + 1)
+    index = torch.bucketize(confidence.cpu(), edges[1:-1], right=True)  # bin i holds (edge_i, edge_i+1]
+    ece, rows = 0.0, []
+    for i in range(bins):
+        inside = index == i
+        count = int(inside.sum())
+        if count:
+            conf, acc = confidence.cpu()[inside].mean().item(), correct.cpu()[inside].mean().item()
+            ece += count / len(labels) * abs(conf - acc)
+            rows.append({"lower": edges[i].item(), "upper": edges[i + 1].item(), "confidence": conf,
+                         "accuracy": acc, "count": count})
+    nll = torch.nn.functional.cross_entropy(logits.float(), labels).item()
+    onehot = torch.nn.functional.one_hot(labels, probs.shape[1]).float()
+    brier = ((probs - onehot) ** 2).sum(1).mean().item()
+    return Calibration(ece, nll, brier, rows)
+
+
+def load_official(folder: Path, corruptions: list[str], test_labels: torch.Tensor) -> dict[str, np.ndarray]:
+    """The official CIFAR-10-C arrays for `corruptions`, checked against the test split."""
+    n = len(test_labels)
+    labels_path = folder / "labels.npy"
+    if not labels_path.is_file():
+        raise DataError(f"robustness.cifar10c: {labels_path} not found; point it at the folder of the "
+                        "CIFAR-10-C .npy files (labels.npy and one <corruption>.npy each)")
+    labels = np.load(labels_path)
+    if labels.shape != (5 * n,):
+        raise DataError(f"{labels_path}: {labels.shape[0]} labels, expected 5 x {n} (5 severities of the test split)")
+    expected = np.tile(test_labels.numpy(), 5)
+    if not np.array_equal(labels.astype(np.int64), expected):
+        raise DataError(f"{labels_path}: the labels do not follow the test split's order; CIFAR-10-C follows the "
+                        "official test batch: use data.source download or the official archive")
+    arrays = {}
+    for name in corruptions:
+        path = folder / f"{name}.npy"
+        if not path.is_file():
+            raise DataError(f"robustness.cifar10c: {path} not found; the folder must hold one .npy per corruption")
+        array = np.load(path, mmap_mode="r")
+        if array.shape != (5 * n, 32, 32, 3) or array.dtype != np.uint8:
+            raise DataError(f"{path}: shape {array.shape} {array.dtype}, expected ({5 * n}, 32, 32, 3) uint8")
+        arrays[name] = array
+    return arrays
+
+
+def measure(models: dict[str, tuple[nn.Module, dict]], test: Split, cfg: RobustnessConfig, seed: int,
+            device: torch.device, dtype: torch.dtype) -> dict[str, ModelRobustness]:
+    """Every measurement of this module for every model, each on the same images."""
+    if cfg.subset > len(test):
+        raise DataError(f"robustness.subset: {cfg.subset} is not allowed; the test split has {len(test)} images "
+                        "(use at most that, or 0 for all)")
+    official = load_official(Path(cfg.cifar10c), cfg.corruptions, test.labels) if cfg.cifar10c else None
+    subset = pick_subset(test.labels, cfg.subset, seed)
+    images, labels = test.images[subset].to(device), test.labels[subset]
+    results = {}
+    for name, (model, config) in models.items():
+        model.to(device, memory_format=torch.channels_last)
+        results[name] = ModelRobustness(clean_acc=accuracy(model, images, labels, config, device, dtype, cfg.batch_size))
+    for corruption in cfg.corruptions:
+        for severity in cfg.severities:
+            corrupted = corrupted_images(images, corruption, severity, seed, cfg, official, subset)
+            for name, (model, config) in models.items():
+                results[name].corruption_acc.setdefault(corruption, {})[severity] = accuracy(
+                    model, corrupted, labels, config, device, dtype, cfg.batch_size)
+    for kind in ("patches", "box"):
+        for fraction in [0.0, *cfg.occlusion_fractions]:
+            mask = occlusion_masks(len(labels), images.shape[1], fraction, kind, cfg.occlusion_patch, seed)
+            for name, (model, config) in models.items():
+                results[name].occlusion_acc.setdefault(kind, {})[fraction] = accuracy(
+                    model, images, labels, config, device, dtype, cfg.batch_size, occlude=mask)
+    for name, (model, config) in models.items():
+        loader = BatchLoader(test, cfg.batch_size, device, config["mean"], config["std"])
+        results[name].calibration = calibration(predict(model, loader, dtype), loader.labels, cfg.calibration_bins)
+    return results

@@ -1,0 +1,222 @@
+"""Corruptions, occlusion and calibration: each corruption is seeded, keeps images images and grows with
+its severity, and equals the published pipeline where that is deterministic; occlusion removes what
+it says; ECE on hand-computed cases; the official CIFAR-10-C files are used as they are, and checked."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from matplotlib.colors import hsv_to_rgb as mpl_hsv_to_rgb
+from matplotlib.colors import rgb_to_hsv as mpl_rgb_to_hsv
+
+from vitcnn import corruptions as C
+from vitcnn.config import RobustnessConfig
+from vitcnn.data import Split
+from vitcnn.errors import DataError
+from vitcnn.robustness import accuracy, calibration, load_official, measure, occlusion_masks, pick_subset
+
+CPU = torch.device("cpu")
+
+
+def scenes(n: int = 6, seed: int = 0) -> torch.Tensor:
+    """(n, 3, 32, 32) uint8 images with structure: smooth colour gradients and a bright square each."""
+    g = torch.Generator().manual_seed(seed)
+    ys, xs = torch.meshgrid(torch.linspace(0, 1, 32), torch.linspace(0, 1, 32), indexing="ij")
+    images = []
+    for _ in range(n):
+        a, b, c = torch.rand(3, 3, generator=g)
+        image = (a.view(3, 1, 1) * xs + b.view(3, 1, 1) * ys + 0.3 * c.view(3, 1, 1)) / 1.6
+        top, left = torch.randint(4, 20, (2,), generator=g).tolist()
+        image[:, top : top + 8, left : left + 8] = 0.9
+        images.append(image)
+    return (torch.stack(images).clamp(0, 1) * 255).to(torch.uint8)
+
+
+@pytest.mark.parametrize("name", C.CORRUPTIONS)
+def test_each_corruption_is_seeded_and_keeps_images_images(name):
+    x = scenes()
+    a = C.corrupt(x, name, 3, torch.Generator().manual_seed(1))
+    b = C.corrupt(x, name, 3, torch.Generator().manual_seed(1))
+    assert a.dtype == torch.uint8 and a.shape == x.shape
+    assert torch.equal(a, b)
+    assert not torch.equal(a, x)
+    assert torch.equal(C.corrupt(x, name, 0, torch.Generator()), x)  # severity 0: the clean images
+
+
+@pytest.mark.parametrize("name", [c for c in C.CORRUPTIONS if c != "saturate"])
+def test_the_distance_from_the_clean_image_grows_with_severity(name):
+    x = scenes(8)
+    distances = [(C.corrupt(x, name, s, torch.Generator().manual_seed(2)).float() - x.float()).abs().mean().item()
+                 for s in range(1, 6)]
+    assert all(a <= b + 1e-6 for a, b in zip(distances, distances[1:])), distances
+    assert distances[-1] > distances[0]
+
+
+def test_saturate_first_washes_out_then_saturates_as_cifar10c_does():
+    x = scenes(4)
+
+    def saturation(images):
+        return torch.from_numpy(mpl_rgb_to_hsv(images.permute(0, 2, 3, 1).numpy() / 255.0)[..., 1]).mean().item()
+
+    levels = [saturation(C.corrupt(x, "saturate", s, torch.Generator())) for s in range(6)]
+    assert levels[2] < levels[1] < levels[0] < levels[3] < levels[4] < levels[5]
+
+
+@pytest.mark.parametrize("severity", range(1, 6))
+def test_pixelate_and_jpeg_equal_the_published_pil_pipeline(severity):
+    import io
+
+    from PIL import Image
+
+    x = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(severity))
+    c, quality = C.SEVERITY["pixelate"][severity - 1], C.SEVERITY["jpeg_compression"][severity - 1]
+
+    def pil(image: torch.Tensor, change) -> torch.Tensor:
+        return torch.from_numpy(np.array(change(Image.fromarray(image.permute(1, 2, 0).numpy())))).permute(2, 0, 1)
+
+    def jpeg(image):
+        buffer = io.BytesIO()
+        image.save(buffer, "JPEG", quality=quality)
+        return Image.open(buffer)
+
+    pixelated = torch.stack([pil(im, lambda p: p.resize((int(32 * c),) * 2, Image.BOX).resize((32, 32), Image.BOX))
+                             for im in x])
+    assert torch.equal(C.corrupt(x, "pixelate", severity, torch.Generator()), pixelated)
+    assert torch.equal(C.corrupt(x, "jpeg_compression", severity, torch.Generator()),
+                       torch.stack([pil(im, jpeg) for im in x]))
+
+
+def test_hsv_conversions_agree_with_matplotlibs_and_invert_each_other():
+    x = torch.rand(5, 3, 8, 8, generator=torch.Generator().manual_seed(3))
+    hsv = C.rgb_to_hsv(x)
+    expected = mpl_rgb_to_hsv(x.permute(0, 2, 3, 1).numpy())
+    np.testing.assert_allclose(hsv.permute(0, 2, 3, 1).numpy(), expected, atol=1e-5)
+    np.testing.assert_allclose(C.hsv_to_rgb(hsv).permute(0, 2, 3, 1).numpy(), mpl_hsv_to_rgb(expected), atol=1e-5)
+    torch.testing.assert_close(C.hsv_to_rgb(hsv), x, atol=1e-5, rtol=0)
+
+
+def test_contrast_scales_around_each_channels_mean_and_the_defocus_kernel_sums_to_one():
+    x = scenes(2).float() / 255
+    means = x.mean((2, 3), keepdim=True)
+    torch.testing.assert_close(C.contrast(x, 0.5, torch.Generator()), 0.5 * (x - means) + means)
+    for radius, blur in C.SEVERITY["defocus_blur"]:
+        kernel = C.disk_kernel(radius, blur, CPU)
+        assert kernel.shape == (17, 17) and kernel.sum().item() == pytest.approx(1.0, abs=1e-6)
+        assert torch.equal(kernel, kernel.flip(0)) and torch.equal(kernel, kernel.T)
+
+
+# --- occlusion -----------------------------------------------------------------------------------
+
+
+def test_occlusion_removes_the_stated_share_of_patches_or_a_central_box():
+    patches = occlusion_masks(10, 32, 0.25, "patches", 4, seed=0)
+    assert patches.shape == (10, 1, 32, 32)
+    assert (patches.float().mean((1, 2, 3)) == 16 / 64).all()  # 16 of the 64 cells of 4x4 pixels
+    assert not torch.equal(patches[0], patches[1])  # random per image, seeded
+    assert torch.equal(patches, occlusion_masks(10, 32, 0.25, "patches", 4, seed=0))
+    box = occlusion_masks(3, 32, 0.25, "box", 4, seed=0)
+    assert box[0, 0, 8:24, 8:24].all() and box.float().mean().item() == 0.25
+    assert not occlusion_masks(2, 32, 0.0, "patches", 4, seed=0).any()
+
+
+# --- calibration ---------------------------------------------------------------------------------
+
+
+def test_a_perfectly_calibrated_predictor_has_zero_ece():
+    # 100 predictions at confidence 0.8 of which 80 are right, 100 at 0.6 of which 60 are right.
+    probs = torch.tensor([[0.8, 0.2]] * 100 + [[0.6, 0.4]] * 100)
+    labels = torch.tensor([0] * 80 + [1] * 20 + [0] * 60 + [1] * 40)
+    result = calibration(probs.log(), labels, bins=10)
+    assert result.ece == pytest.approx(0.0, abs=1e-6)
+    assert [(b["count"], round(b["accuracy"], 6)) for b in result.bins] == [(100, 0.6), (100, 0.8)]
+
+
+def test_ece_nll_and_brier_match_a_hand_computed_case():
+    probs = torch.tensor([[0.9, 0.1], [0.7, 0.3], [0.3, 0.7], [0.45, 0.55]])
+    labels = torch.tensor([0, 1, 1, 0])
+    result = calibration(probs.log(), labels, bins=2)  # bins (0, 0.5], (0.5, 1]: all four in the second
+    # confidences 0.9, 0.7, 0.7, 0.55 (mean 0.7125); right: yes, no, yes, no (0.5)
+    assert result.ece == pytest.approx(abs(0.7125 - 0.5))
+    assert result.nll == pytest.approx(-np.mean(np.log([0.9, 0.3, 0.7, 0.45])))
+    assert result.brier == pytest.approx(np.mean([2 * 0.1**2, 2 * 0.7**2, 2 * 0.3**2, 2 * 0.55**2]))
+
+
+# --- measure: the stage's work ----------------------------------------------------------------------
+
+
+class Brightness(torch.nn.Module):
+    """A stand-in model: class 1 when the image's mean (normalised) value is positive, else class 0."""
+
+    def forward(self, x):
+        score = x.mean((1, 2, 3))
+        return torch.stack([-score, score], 1)
+
+
+def test_clean_severity_and_empty_occlusion_give_the_clean_accuracy_exactly():
+    images = scenes(40, seed=4).permute(0, 2, 3, 1).contiguous()
+    labels = (images.float().mean((1, 2, 3)) > 120).long()
+    test = Split(images, labels)
+    config = {"mean": [0.47] * 3, "std": [0.25] * 3}
+    cfg = dataclasses.replace(RobustnessConfig(), subset=20, corruptions=["contrast", "gaussian_noise"],
+                              severities=[1, 5], occlusion_fractions=[0.5], batch_size=7)
+    results = measure({"toy": (Brightness(), config)}, test, cfg, seed=0, device=CPU, dtype=torch.float32)["toy"]
+    subset = pick_subset(labels, 20, 0)
+    clean = accuracy(Brightness(), images[subset], labels[subset], config, CPU, torch.float32, 7)
+    assert results.clean_acc == clean
+    assert results.occlusion_acc["patches"][0.0] == clean and results.occlusion_acc["box"][0.0] == clean
+    assert set(results.corruption_acc) == {"contrast", "gaussian_noise"}
+    summary = results.summary()
+    assert summary["corruption_acc"] == pytest.approx(np.mean([a for s in results.corruption_acc.values()
+                                                               for a in s.values()]), abs=1e-6)
+    assert {"ece", "nll", "brier", "relative_robustness", "occlusion_box_acc"} <= set(summary)
+
+
+def test_a_subset_larger_than_the_test_split_is_one_line():
+    test = Split(scenes(10).permute(0, 2, 3, 1).contiguous(), torch.zeros(10, dtype=torch.long))
+    cfg = dataclasses.replace(RobustnessConfig(), subset=11)
+    with pytest.raises(DataError, match=r"robustness.subset: 11 is not allowed; the test split has 10 images"):
+        measure({}, test, cfg, 0, CPU, torch.float32)
+
+
+def _write_official(folder, n: int, labels: np.ndarray, images: np.ndarray, corruptions: list[str]) -> None:
+    folder.mkdir(exist_ok=True)
+    np.save(folder / "labels.npy", np.tile(labels, 5).astype(np.uint8))
+    for name in corruptions:
+        np.save(folder / f"{name}.npy", images)
+
+
+def test_the_official_cifar10c_files_are_used_as_they_are(tmp_path):
+    n = 12
+    g = np.random.default_rng(0)
+    labels = g.integers(0, 2, n)
+    official = g.integers(0, 256, (5 * n, 32, 32, 3), dtype=np.uint8)
+    _write_official(tmp_path / "c", n, labels, official, ["contrast"])
+    test = Split(scenes(n).permute(0, 2, 3, 1).contiguous(), torch.from_numpy(labels))
+    config = {"mean": [0.47] * 3, "std": [0.25] * 3}
+    cfg = dataclasses.replace(RobustnessConfig(), subset=0, corruptions=["contrast"], severities=[2],
+                              occlusion_fractions=[], cifar10c=str(tmp_path / "c"))
+    got = measure({"toy": (Brightness(), config)}, test, cfg, 0, CPU, torch.float32)["toy"]
+    expected = accuracy(Brightness(), torch.from_numpy(official[n : 2 * n]), torch.from_numpy(labels), config, CPU,
+                        torch.float32, 500)  # severity 2: the second block of n rows
+    assert got.corruption_acc["contrast"][2] == expected
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("labels", "12 labels, expected 5 x 4"),
+    ("order", "the labels do not follow the test split's order"),
+    ("shape", "contrast.npy: shape (20, 16, 16, 3) uint8, expected (20, 32, 32, 3) uint8"),
+    ("missing", "contrast.npy not found"),
+])
+def test_wrong_cifar10c_files_are_one_line(tmp_path, damage, message):
+    labels = np.array([0, 1, 1, 2])
+    folder = tmp_path / "c"
+    images = np.zeros((20, 16, 16, 3) if damage == "shape" else (20, 32, 32, 3), dtype=np.uint8)
+    _write_official(folder, 4, labels[::-1] if damage == "order" else labels, images,
+                    [] if damage == "missing" else ["contrast"])
+    if damage == "labels":
+        np.save(folder / "labels.npy", np.zeros(12, dtype=np.uint8))
+    with pytest.raises(DataError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_official(folder, ["contrast"], torch.from_numpy(labels))
