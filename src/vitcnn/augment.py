@@ -231,12 +231,12 @@ class Augment:
         return x
 
 
-def _boxes(x: torch.Tensor, top: torch.Tensor, left: torch.Tensor, height: torch.Tensor,
+def _boxes(size: tuple[int, int], top: torch.Tensor, left: torch.Tensor, height: torch.Tensor,
            width: torch.Tensor) -> torch.Tensor:
     """(B, 1, H, W) masks: True inside each image's box [top, top + height) x [left, left + width)."""
-    H, W = x.shape[-2:]
-    rows = torch.arange(H, device=x.device).view(1, H, 1)
-    cols = torch.arange(W, device=x.device).view(1, 1, W)
+    H, W = size
+    rows = torch.arange(H, device=top.device).view(1, H, 1)
+    cols = torch.arange(W, device=top.device).view(1, 1, W)
     inside = ((rows >= top.view(-1, 1, 1)) & (rows < (top + height).view(-1, 1, 1))
               & (cols >= left.view(-1, 1, 1)) & (cols < (left + width).view(-1, 1, 1)))
     return inside.unsqueeze(1)
@@ -249,7 +249,7 @@ def cutout(x: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tens
     cy = torch.randint(0, H, (B,), device=x.device, generator=generator)
     cx = torch.randint(0, W, (B,), device=x.device, generator=generator)
     side = torch.full_like(cy, size)
-    return x.masked_fill(_boxes(x, cy - size // 2, cx - size // 2, side, side), 0)
+    return x.masked_fill(_boxes((H, W), cy - size // 2, cx - size // 2, side, side), 0)
 
 
 def random_erasing(x: torch.Tensor, p: float, generator: torch.Generator,
@@ -267,7 +267,7 @@ def random_erasing(x: torch.Tensor, p: float, generator: torch.Generator,
     top = (torch.rand(B, device=device, generator=generator) * (H - height + 1)).long()
     left = (torch.rand(B, device=device, generator=generator) * (W - width + 1)).long()
     chosen = torch.rand(B, device=device, generator=generator) < p
-    return x.masked_fill(_boxes(x, top, left, height, width) & chosen.view(-1, 1, 1, 1), 0)
+    return x.masked_fill(_boxes((H, W), top, left, height, width) & chosen.view(-1, 1, 1, 1), 0)
 
 
 # --- mixup and cutmix: on the normalised batch, with the labels ---------------------------------
@@ -319,36 +319,36 @@ class Mix:
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, Mixed]:
         B, _, H, W = x.shape
-        n = B if self.per == "image" else 1
+        n = B if self.per == "image" else 1  # one draw per image, or one for the whole batch
         device = x.device
         partner, partner_y = x.flip(0), y.flip(0)  # the batch is in random order: reversing pairs at random
-        lam = torch.ones(n, device=device)
-        mixed = x
-        use_cutmix = torch.zeros(n, dtype=torch.bool, device=device)
-        if "mixup" in self.tables and "cutmix" in self.tables:
-            use_cutmix = torch.rand(n, device=device, generator=generator) < 0.5
-        elif "cutmix" in self.tables:
-            use_cutmix = torch.ones(n, dtype=torch.bool, device=device)
-        apply = torch.rand(n, device=device, generator=generator) < self.prob
-        if "mixup" in self.tables:
-            lam_mixup = self.sample("mixup", n, generator)
-            lam = torch.where(~use_cutmix, lam_mixup, lam)
-        if "cutmix" in self.tables:
-            lam_cutmix = self.sample("cutmix", n, generator)
-            side = torch.sqrt(1 - lam_cutmix)
-            height, width = (side * H).long(), (side * W).long()
-            cy = torch.randint(0, H, (n,), device=device, generator=generator)
-            cx = torch.randint(0, W, (n,), device=device, generator=generator)
-            top, left = (cy - height // 2).clamp(0, H), (cx - width // 2).clamp(0, W)
-            bottom, right = (cy + height - height // 2).clamp(0, H), (cx + width - width // 2).clamp(0, W)
-            box = _boxes(x[:n], top, left, bottom - top, right - left)  # (n, 1, H, W)
-            pasted = (bottom - top) * (right - left) / (H * W)
-            lam = torch.where(use_cutmix, 1 - pasted, lam)
-        lam = torch.where(apply, lam, 1.0).expand(B)
-        is_cutmix = (use_cutmix & apply).expand(B).view(-1, 1, 1, 1)
-        blended = torch.lerp(partner, x, lam.view(-1, 1, 1, 1))
-        if "cutmix" in self.tables:
-            mixed = torch.where(is_cutmix, torch.where(box.expand(B, 1, H, W), partner, x), blended)
+        if len(self.tables) == 2:
+            cutmix = torch.rand(n, device=device, generator=generator) < 0.5
         else:
-            mixed = blended
-        return mixed, Mixed(y, partner_y, lam)
+            cutmix = torch.full((n,), "cutmix" in self.tables, device=device)
+        applied = torch.rand(n, device=device, generator=generator) < self.prob
+        lam = torch.ones(n, device=device)
+        if "mixup" in self.tables:
+            lam = torch.where(cutmix, lam, self.sample("mixup", n, generator))
+        if "cutmix" in self.tables:
+            box, pasted = self._box(n, H, W, generator)
+            lam = torch.where(cutmix, 1 - pasted, lam)
+        lam = torch.where(applied, lam, 1.0).expand(B)
+        out = torch.lerp(partner, x, lam.view(-1, 1, 1, 1))  # mixup; x itself where lam is 1
+        if "cutmix" in self.tables:
+            pasted_in = torch.where(box.expand(B, 1, H, W), partner, x)
+            out = torch.where((cutmix & applied).expand(B).view(-1, 1, 1, 1), pasted_in, out)
+        return out, Mixed(y, partner_y, lam)
+
+    def _box(self, n: int, H: int, W: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """(n, 1, H, W) boxes of area 1 - λ (λ from the cutmix Beta) at uniform centres, cut at the
+        border, and the share of the image each covers."""
+        device = self.tables["cutmix"].device
+        side = torch.sqrt(1 - self.sample("cutmix", n, generator))
+        height, width = (side * H).long(), (side * W).long()
+        cy = torch.randint(0, H, (n,), device=device, generator=generator)
+        cx = torch.randint(0, W, (n,), device=device, generator=generator)
+        top, left = (cy - height // 2).clamp(0, H), (cx - width // 2).clamp(0, W)
+        bottom, right = (cy + height - height // 2).clamp(0, H), (cx + width - width // 2).clamp(0, W)
+        box = _boxes((H, W), top, left, bottom - top, right - left)
+        return box, (bottom - top) * (right - left) / (H * W)

@@ -39,7 +39,7 @@ from vitcnn.runtime import autocast, maybe_compile, predict, resolve_precision
 
 log = logging.getLogger(__name__)
 PROGRESS_EVERY = 20  # steps between progress-bar refreshes (each reads the running loss once)
-SEED_RECIPE = Recipe()  # the original program's
+ORIGINAL_RECIPE = Recipe()  # the original program's
 
 
 class TrainingError(UserError):
@@ -227,7 +227,7 @@ def param_groups(model: nn.Module, cfg: Recipe) -> list[dict[str, Any]]:
     return [{"params": decayed, "weight_decay": cfg.weight_decay}, {"params": kept, "weight_decay": 0.0}]
 
 
-def make_optimizer(model: nn.Module, cfg: Recipe = SEED_RECIPE) -> torch.optim.Optimizer:
+def make_optimizer(model: nn.Module, cfg: Recipe = ORIGINAL_RECIPE) -> torch.optim.Optimizer:
     """AdamW, or SGD with Nesterov momentum; on CPU and CUDA their fused kernels (one pass over all
     parameters: 4x faster than the per-tensor loop on CPU) compute the same update."""
     fused = next(model.parameters()).device.type in ("cpu", "cuda") or None
@@ -238,7 +238,7 @@ def make_optimizer(model: nn.Module, cfg: Recipe = SEED_RECIPE) -> torch.optim.O
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor | Mixed,
-               dtype: torch.dtype, cfg: Recipe = SEED_RECIPE, ema: EMA | None = None
+               dtype: torch.dtype, cfg: Recipe = ORIGINAL_RECIPE, ema: EMA | None = None
                ) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimisation step; returns the batch's mean loss and its count of correct predictions
     (for a mixed batch: of its dominant labels), both still on the device (reading them is the
