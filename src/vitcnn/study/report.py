@@ -69,6 +69,15 @@ def percent(e: Estimate | None, signed: bool = False) -> str:
     return f"{100 * e.mean:{sign}.2f}% ± {100 * e.std:.2f} [{100 * e.ci95[0]:{sign}.2f}, {100 * e.ci95[1]:{sign}.2f}]"
 
 
+def fraction(e: Estimate | None) -> str:
+    """'0.031 ± 0.004 [0.021, 0.041]': a value in [0, 1] such as an ECE, with its interval."""
+    if e is None:
+        return "—"
+    if e.std is None:
+        return f"{e.mean:.3f} ± — [—]"
+    return f"{e.mean:.3f} ± {e.std:.3f} [{e.ci95[0]:.3f}, {e.ci95[1]:.3f}]"
+
+
 def plain(e: Estimate | None) -> str:
     """'512 ± 12.3': three significant digits."""
     if e is None:
@@ -119,7 +128,7 @@ def robustness_table(summary: Summary) -> str | None:
         return None
     head = ["group", *(f"{label(m)} {what}" for m in measured for what in ("acc. under corruption", "ECE"))]
     rows = [[group_label(g, summary), *(cell for m in measured for cell in (
-        percent(g.metrics.get(m, {}).get("corruption_acc")), plain(g.metrics.get(m, {}).get("ece"))))]
+        percent(g.metrics.get(m, {}).get("corruption_acc")), fraction(g.metrics.get(m, {}).get("ece"))))]
         for g in summary.groups]
     return _markdown_table(head, rows)
 
