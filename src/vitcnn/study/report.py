@@ -59,23 +59,27 @@ def write(summary: Summary, out: Path, title: str) -> list[Path]:
 # --- text ------------------------------------------------------------------------------------
 
 
-def percent(e: Estimate | None, signed: bool = False) -> str:
-    """'81.20% ± 0.35 [80.33, 82.07]' (accuracy points); '—' for the spread of one run."""
+def interval(e: Estimate | None, scale: float = 100.0, digits: int = 2, unit: str = "%", signed: bool = False) -> str:
+    """'81.20% ± 0.35 [80.33, 82.07]': mean ± std [95% interval], here in accuracy points; '—' for the
+    spread of one run."""
     if e is None:
         return "—"
-    sign = "+" if signed else ""
+
+    def shown(v: float) -> str:
+        return f"{scale * v:{'+' if signed else ''}.{digits}f}"
+
     if e.std is None:
-        return f"{100 * e.mean:{sign}.2f}% ± — [—]"
-    return f"{100 * e.mean:{sign}.2f}% ± {100 * e.std:.2f} [{100 * e.ci95[0]:{sign}.2f}, {100 * e.ci95[1]:{sign}.2f}]"
+        return f"{shown(e.mean)}{unit} ± — [—]"
+    return f"{shown(e.mean)}{unit} ± {scale * e.std:.{digits}f} [{shown(e.ci95[0])}, {shown(e.ci95[1])}]"
+
+
+def percent(e: Estimate | None, signed: bool = False) -> str:
+    return interval(e, signed=signed)
 
 
 def fraction(e: Estimate | None) -> str:
-    """'0.031 ± 0.004 [0.021, 0.041]': a value in [0, 1] such as an ECE, with its interval."""
-    if e is None:
-        return "—"
-    if e.std is None:
-        return f"{e.mean:.3f} ± — [—]"
-    return f"{e.mean:.3f} ± {e.std:.3f} [{e.ci95[0]:.3f}, {e.ci95[1]:.3f}]"
+    """'0.031 ± 0.004 [0.021, 0.041]': a value in [0, 1] such as an ECE."""
+    return interval(e, scale=1.0, digits=3, unit="")
 
 
 def plain(e: Estimate | None) -> str:
