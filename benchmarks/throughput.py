@@ -2,6 +2,7 @@
 
     python benchmarks/throughput.py --model vit|cnn|all [--steps N] [--repeats R] [--baseline] [--json]
     python benchmarks/throughput.py --recipe strong      # the models, recipes and augmentation of recipes/strong.yaml
+    python benchmarks/throughput.py --cuda-graphs off --profile   # on CUDA: eager steps; how busy the GPU is
 
 Measures training images/s (loader + forward + backward + optimizer step) at the
 default params (the seed's models, batch 128), or at a named recipe's, on the current
@@ -47,9 +48,10 @@ from vitcnn.config import Params, TrainConfig, recipe_for
 from vitcnn.data import FIXED_MEAN, FIXED_STD, BatchLoader, Split
 from vitcnn.models import MODELS
 from vitcnn.models.store import build_model
-from vitcnn.runtime import keep_freed_memory, maybe_compile, resolve_device, resolve_precision, use_deterministic
+from vitcnn.runtime import (keep_freed_memory, maybe_compile, resolve_device, resolve_precision, use_cuda_graphs,
+                            use_deterministic)
 from vitcnn.recipes import params_with
-from vitcnn.train import augmentation, make_optimizer, mixing, train_step
+from vitcnn.train import EMA, TrainSteps, augmentation, make_optimizer, mixing
 
 ROOT = Path(__file__).resolve().parents[1]
 SEED_PROGRAM = ROOT.parent / "shared" / "reference" / "seed_vit_vs_cnn.py"
@@ -108,32 +110,36 @@ def _sync(device: torch.device) -> None:
 
 
 class Engine:
-    """The pipeline's training path: on-device uint8 loader, autocast, fused parts, no per-step sync."""
+    """The pipeline's training path, as the training stage sets it up: on-device uint8 loader, autocast,
+    fused parts, its step function (a replayed CUDA graph on CUDA), no per-step sync."""
 
     def __init__(self, name: str, split: Split, device: torch.device, params: Any, cfg: TrainConfig):
         torch.manual_seed(0)
         self.model = build_model(name, 10, getattr(params, name)).to(device, memory_format=torch.channels_last)
         self.model.train()
-        self.optimizer = make_optimizer(self.model, cfg)
+        graphs = use_cuda_graphs(cfg.cuda_graphs, device)
+        self.optimizer = make_optimizer(self.model, cfg, capturable=graphs)
         self.dtype = resolve_precision(cfg.precision, device)
         gen = torch.Generator(device=device).manual_seed(0)
         self.loader = BatchLoader(split, cfg.batch_size, device, list(FIXED_MEAN), list(FIXED_STD), shuffle=True,
                                   crop_padding=cfg.crop_padding, flip=cfg.flip, generator=gen,
                                   augment=augmentation(cfg), mix=mixing(cfg, device))
-        self.step_model = maybe_compile(self.model, cfg.compile, device, self.loader.example(), self.dtype)
-        self.device, self.batches, self.cfg = device, iter(()), cfg
+        step_model = maybe_compile(self.model, cfg.compile, device, self.loader.example(), self.dtype)
+        ema = EMA(self.model, cfg.ema) if cfg.ema else None
+        self.steps = TrainSteps(step_model, self.optimizer, self.loader, self.dtype, cfg, ema, graphs, name)
+        self.device, self.epoch, self.done, self.seen = device, iter(()), 0, 0
 
     def run(self, steps: int) -> int:
-        images, last = 0, None
+        """Train `steps` steps (epochs wrap around); returns the images trained on."""
+        images = 0
         for _ in range(steps):
-            batch = next(self.batches, None)
-            if batch is None:
-                self.batches = iter(self.loader)
-                batch = next(self.batches)
-            x, y = batch
-            last, _ = train_step(self.step_model, self.optimizer, x, y, self.dtype, self.cfg)
-            images += len(y)
-        last.item()  # one sync per window, so that the window's work is done when timed
+            step = next(self.epoch, None)
+            if step is None:
+                self.epoch, self.seen = self.steps.epoch(self.done), 0
+                step = next(self.epoch)
+            _, seen = step  # images of the epoch trained on so far
+            images, self.seen, self.done = images + seen - self.seen, seen, self.done + 1
+        self.steps.loss_sum.item()  # one sync per window, so that the window's work is done when timed
         return images
 
 
@@ -260,6 +266,30 @@ def augmentation_ms(engine: Engine, batches: int, repeats: int) -> float | None:
     return statistics.median(times["augmented"]) - statistics.median(times["plain"])
 
 
+def gpu_busy(engine: Engine, steps: int) -> float | None:
+    """The share of a window of `steps` training steps during which the GPU runs a kernel: the kernels'
+    time on the GPU's timeline (torch.profiler, overlaps merged) over the span from the first kernel's
+    start to the last one's end. None off CUDA."""
+    if engine.device.type != "cuda":
+        return None
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        engine.run(steps)
+        torch.cuda.synchronize()
+    kernels = sorted((e.time_range.start, e.time_range.end) for e in prof.events() if e.device_type == DeviceType.CUDA)
+    if not kernels:
+        return None
+    busy, (start, end) = 0.0, kernels[0]
+    for k_start, k_end in kernels[1:]:  # merge overlapping kernels (several streams)
+        if k_start > end:
+            busy, start = busy + end - start, k_start
+        end = max(end, k_end)
+    busy += end - start
+    return busy / max(end - kernels[0][0], 1e-9)
+
+
 def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated() / 2**20
@@ -276,7 +306,11 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
     parser.add_argument("--compile", default="auto", choices=["auto", "on", "off"])
+    parser.add_argument("--cuda-graphs", default="auto", choices=["auto", "on", "off"],
+                        help="each step as one replayed CUDA graph (auto: on CUDA)")
     parser.add_argument("--recipe", help="a named recipe (recipes/<name>.yaml): its models, recipes and augmentation")
+    parser.add_argument("--profile", action="store_true",
+                        help="on CUDA, also report the share of a window the GPU is busy (torch.profiler)")
     parser.add_argument("--json", action="store_true", help="print one JSON object per model")
     args = parser.parse_args()
     params = params_with(args.recipe, ROOT / "recipes", ROOT / "params.yaml") if args.recipe else Params()
@@ -287,7 +321,8 @@ def main() -> None:
     split, data = load_images()
     for name in (MODELS if args.model == "all" else [args.model]):
         # The model's recipe (the original program's at the defaults).
-        cfg = dataclasses.replace(recipe_for(params, name), precision=args.precision, compile=args.compile)
+        cfg = dataclasses.replace(recipe_for(params, name), precision=args.precision, compile=args.compile,
+                                  cuda_graphs=args.cuda_graphs)
         engine = Engine(name, split, device, params, cfg)
         baseline = BaselineProcess(name, device, cfg.batch_size) if args.baseline else None
         rates = measure(engine, baseline, args.steps, args.repeats, args.warmup)
@@ -296,6 +331,7 @@ def main() -> None:
             "device": str(device),
             "cpu_threads": torch.get_num_threads(),
             "precision": str(engine.dtype).removeprefix("torch."),
+            "cuda_graphs": engine.steps.graphed,
             "batch_size": cfg.batch_size,
             "data": data,
             "steps_per_window": args.steps,
@@ -304,6 +340,9 @@ def main() -> None:
             "train_images_per_s_windows": [round(r, 1) for r in rates["engine"]],
         }
         result["peak_memory_mb"] = round(peak_memory_mb(device), 1)
+        busy = gpu_busy(engine, args.steps) if args.profile else None
+        if busy is not None:
+            result["gpu_busy"] = round(busy, 3)
         augment_ms = augmentation_ms(engine, args.steps, args.repeats)
         if augment_ms is not None:
             step_ms = 1000 * cfg.batch_size / result["train_images_per_s"]
@@ -321,7 +360,10 @@ def main() -> None:
         if args.json:
             print(json.dumps(result), flush=True)
         else:
-            line = f"{name}: {result['train_images_per_s']:.0f} img/s ({result['precision']}, {device})"
+            graphs = ", CUDA graph" if result["cuda_graphs"] else ""
+            line = f"{name}: {result['train_images_per_s']:.0f} img/s ({result['precision']}, {device}{graphs})"
+            if "gpu_busy" in result:
+                line += f"; GPU busy {100 * result['gpu_busy']:.0f}% of a step"
             if args.baseline:
                 line += f"; naive {result['baseline_images_per_s']:.0f} img/s; speedup {result['speedup']:.2f}x"
             if "augment_ms_per_batch" in result:

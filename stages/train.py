@@ -75,6 +75,8 @@ def main() -> None:
         "best_epoch": result.best_epoch,
         "final_val_acc": history[-1]["val_acc"],
         "train_time_s": round(result.train_time_s, 2),
+        "setup_time_s": round(result.setup_time_s, 2),  # compilation + CUDA graph capture, part of train_time_s
+        "cuda_graphs": result.cuda_graphs,
         "train_images_per_s": speeds[len(speeds) // 2],
         "params": n_params,
         "epochs": len(history),

@@ -14,7 +14,7 @@ from vitcnn.data import FIXED_MEAN, FIXED_STD, BatchLoader, Split
 from vitcnn.models import REGISTRY
 from vitcnn.models.store import build_model
 from vitcnn.runtime import maybe_compile, predict
-from vitcnn.train import EMA, TrainingError, fit, lr_at, make_optimizer, train_step
+from vitcnn.train import EMA, TrainingError, TrainSteps, augmentation, fit, lr_at, make_optimizer, mixing, train_step
 
 CPU = torch.device("cpu")
 TINY = {"vit": {"embed_dim": 8, "depth": 1, "num_heads": 2, "mlp_ratio": 2.0}, "cnn": {"channels": [4, 8]}}
@@ -263,6 +263,65 @@ def test_compile_is_off_on_cpu_unless_asked_for():
     example = BatchLoader(TRAIN, 16, CPU, MEAN, STD).example()
     assert maybe_compile(model, "auto", CPU, example, torch.float32) is model
     assert maybe_compile(model, "off", CPU, example, torch.float32) is model
+
+
+# --- the step function (the body of the CUDA graph on CUDA; called as it is here) ----------------
+
+
+@pytest.mark.parametrize("recipe", [
+    {},  # the original program's: per-epoch cosine
+    {"optimizer": "sgd", "lr": 0.05, "lr_step": "batch", "schedule": "linear", "warmup": 0.3, "ema": 0.8,
+     "grad_clip": 1.0, "label_smoothing": 0.1, "augment": "randaugment", "mixup": 0.8, "cutmix": 1.0},
+])
+def test_the_step_function_trains_as_the_plain_loop_over_the_loader_including_the_last_small_batch(recipe):
+    """What `TrainSteps.step` does with a batch index on the device equals the loop over the loader's
+    batches, every image of an epoch once, the last smaller batch included (50 = 3 x 16 + 2)."""
+    cfg = config(**recipe)
+    data = split(50, 2)
+
+    def setup():
+        torch.manual_seed(0)
+        model = tiny("cnn").to(memory_format=torch.channels_last)
+        loader = BatchLoader(data, 16, CPU, MEAN, STD, shuffle=True, crop_padding=4, flip=True,
+                             generator=torch.Generator().manual_seed(0), augment=augmentation(cfg),
+                             mix=mixing(cfg, CPU))
+        return model, loader, make_optimizer(model, cfg), EMA(model, cfg.ema) if cfg.ema else None
+
+    model, loader, optimizer, ema = setup()
+    plain_losses = []
+    for epoch in range(2):
+        model.train()
+        for step, (x, y) in enumerate(loader):
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(epoch * len(loader) + step, len(loader), cfg)
+            loss, _ = train_step(model, optimizer, x, y, torch.float32, cfg)
+            if ema:
+                ema.update()
+            plain_losses.append(loss * len(y))
+
+    stepped, loader, optimizer, stepped_ema = setup()
+    steps = TrainSteps(stepped, optimizer, loader, torch.float32, cfg, stepped_ema, graphs=False)
+    for epoch in range(2):
+        stepped.train()
+        trained = list(steps.epoch(epoch * len(loader)))
+        assert trained == [(1, 16), (2, 32), (3, 48), (4, 50)]
+        assert steps.batch.item() == 4 and steps.first_bad.item() == -1
+        assert steps.loss_sum.item() == pytest.approx(sum(plain_losses[4 * epoch: 4 * epoch + 4]).item(), rel=1e-6)
+    for key, value in model.state_dict().items():
+        assert torch.equal(stepped.state_dict()[key], value), key
+    if ema:
+        assert all(torch.equal(a, b) for a, b in zip(stepped_ema.model.state_dict().values(),
+                                                     ema.model.state_dict().values()))
+
+
+def test_cuda_graphs_are_for_cuda_alone(caplog):
+    from vitcnn.runtime import use_cuda_graphs
+
+    assert not use_cuda_graphs("auto", CPU) and not caplog.records
+    assert not use_cuda_graphs("on", CPU)
+    assert "needs a CUDA device" in caplog.text
+    _, result = train("cnn", epochs=1, cuda_graphs="on")
+    assert result.cuda_graphs is False and result.setup_time_s >= 0
 
 
 # --- resume checkpoints --------------------------------------------------------------------

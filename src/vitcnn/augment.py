@@ -14,6 +14,7 @@ the CPU, hence this module; its functional ops are what the tests compare agains
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -29,9 +30,6 @@ SIGNED = ("shear_x", "shear_y", "translate_x", "translate_y", "rotate", "brightn
           "sharpness")
 POLICIES = ("randaugment", "trivialaugment")
 _GRAY = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights
-_SHARPEN = torch.tensor([[1.0, 1.0, 1.0], [1.0, 5.0, 1.0], [1.0, 1.0, 1.0]]) / 13.0
-
-
 def magnitudes(policy: str, size: int) -> torch.Tensor:
     """(ops, bins) float64: each op's magnitude per bin, unsigned, as torchvision's augmentation spaces
     (RandAugment's, or TrivialAugment-wide's stronger ones); posterize in bits, solarize a threshold."""
@@ -139,7 +137,7 @@ def affine(image: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
                             indexing="ij")
     points = torch.stack([xs, ys, torch.ones_like(xs)], -1).to(matrix.dtype)  # (H, W, 3)
     source = torch.einsum("bij,hwj->bhwi", matrix, points)  # (B, H, W, 2): x, y
-    grid = source / torch.tensor([W / 2, H / 2], dtype=matrix.dtype, device=image.device) - 1
+    grid = torch.stack([source[..., 0] / (W / 2), source[..., 1] / (H / 2)], -1) - 1  # in [-1, 1]
     return F.grid_sample(image, grid.to(image.dtype), mode="nearest", padding_mode="zeros", align_corners=False)
 
 
@@ -161,7 +159,8 @@ def geometry(op: torch.Tensor, magnitude: torch.Tensor, size: tuple[int, int]) -
     theta = torch.deg2rad(torch.where(is_["rotate"], m, 0.0))
     cos, sin = torch.cos(theta), torch.sin(theta)
     rotation = torch.stack([torch.stack([cos, -sin], -1), torch.stack([sin, cos], -1)], -2)  # (B, 2, 2)
-    centre = torch.tensor([W / 2, H / 2], dtype=torch.float64, device=op.device)
+    centre = torch.full((2,), W / 2, dtype=torch.float64, device=op.device)  # built on the device: no copy
+    centre[1] = H / 2
     rotated = torch.cat([rotation, (centre - rotation @ centre).unsqueeze(-1)], -1)  # about the centre
     return torch.where(is_["rotate"].view(-1, 1, 1), rotated, matrix)
 
@@ -216,8 +215,7 @@ class Augment:
 
     def policy_rounds(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         B, device = x.shape[0], x.device
-        table = magnitudes(self.policy, x.shape[-1]).to(device)
-        signed = torch.tensor([name in SIGNED for name in OPS], device=device)
+        table, signed = _policy_tables(self.policy, x.shape[-1], device)
         rounds = self.ops if self.policy == "randaugment" else 1
         for _ in range(rounds):
             op = torch.randint(0, len(OPS), (B,), device=device, generator=generator)
@@ -229,6 +227,13 @@ class Augment:
             sign = torch.where(signed[op] & flip, -1.0, 1.0).to(torch.float64)
             x = apply_op(x, op, table[op, bins] * sign)
         return x
+
+
+@functools.cache
+def _policy_tables(policy: str, size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The magnitudes (ops, bins) and which ops are signed (ops,), copied to the device once: a copy from
+    the host inside a step would stop a CUDA graph from capturing it."""
+    return magnitudes(policy, size).to(device), torch.tensor([name in SIGNED for name in OPS], device=device)
 
 
 def _boxes(size: tuple[int, int], top: torch.Tensor, left: torch.Tensor, height: torch.Tensor,

@@ -79,6 +79,7 @@ class TrainConfig(Recipe):
     select: Literal["best_val", "last"] = "best_val"  # which epoch's weights to keep
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     compile: Literal["auto", "on", "off"] = "auto"
+    cuda_graphs: Literal["auto", "on", "off"] = "auto"  # each training step as one replayed CUDA graph (CUDA only)
     deterministic: bool = False  # deterministic kernels on GPU (CPU runs are deterministic anyway)
     eval_batch_size: int = 1000
 

@@ -152,19 +152,29 @@ class BatchLoader:
         b = min(self.batch_size, len(self.labels))
         return torch.zeros(b, self.size, self.size, self.images.shape[-1], device=self.device).permute(0, 3, 1, 2)
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def permutation(self) -> torch.Tensor:
+        """(N,) the order of one epoch: a fresh draw from the generator with `shuffle`, else 0..N-1."""
         n = len(self.labels)
         if self.shuffle:
-            order = torch.randperm(n, device=self.device, generator=self.generator)
-        else:
-            order = torch.arange(n, device=self.device)
-        for start in range(0, n, self.batch_size):
-            idx = order[start : start + self.batch_size]
-            images = self._gather(idx)  # (B, H, W, C) uint8
-            if self.augment:
-                images = self.augment(images, self.generator)
-            x, y = self._normalize(images), self.labels[idx]
-            yield self.mix(x, y, self.generator) if self.mix else (x, y)
+            return torch.randperm(n, device=self.device, generator=self.generator)
+        return torch.arange(n, device=self.device)
+
+    def batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch of items `idx` (B,): cropped, flipped, augmented, normalised and mixed as configured.
+
+        Only tensor ops on the device, none of which reads a value back, so a CUDA graph can
+        capture it with `idx` computed on the device.
+        """
+        images = self._gather(idx)  # (B, H, W, C) uint8
+        if self.augment:
+            images = self.augment(images, self.generator)
+        x, y = self._normalize(images), self.labels[idx]
+        return self.mix(x, y, self.generator) if self.mix else (x, y)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        order = self.permutation()
+        for start in range(0, len(order), self.batch_size):
+            yield self.batch(order[start : start + self.batch_size])
 
     def _gather(self, idx: torch.Tensor) -> torch.Tensor:
         """(B, H, W, C) uint8: crop and flip as one index computation, one gather."""

@@ -10,7 +10,11 @@ validation split (held out of train), never on test.
 
 Every part of a training step runs on the device without reading a value back (no host
 sync, no Python branch on a tensor's value): the schedule is a pure function of the step
-number, clipping scales on the device, the EMA is one fused lerp.
+number, clipping scales on the device, the EMA is one fused lerp. So one function
+(`TrainSteps.step`: the epoch's next batch, crop + flip + augmentation, forward, loss,
+backward, optimizer update, EMA and the epoch's running totals) is the whole step, and on
+CUDA it is captured once as a CUDA graph and replayed (`train.cuda_graphs`); elsewhere it
+is called as it is. The learning rate and the EMA's weight are set between steps.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import dataclasses
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,7 +39,7 @@ from vitcnn.checkpoint import load_checkpoint, restore_rng_states, rng_states, s
 from vitcnn.config import Recipe, TrainConfig
 from vitcnn.data import BatchLoader, Split
 from vitcnn.errors import UserError
-from vitcnn.runtime import autocast, maybe_compile, predict, resolve_precision
+from vitcnn.runtime import CudaGraphStep, autocast, maybe_compile, predict, resolve_precision, use_cuda_graphs
 
 log = logging.getLogger(__name__)
 PROGRESS_EVERY = 20  # steps between progress-bar refreshes (each reads the running loss once)
@@ -81,14 +85,24 @@ class EMA:
         self._averaged = [a for a, _ in pairs if a.is_floating_point()]
         self._live = [m for a, m in pairs if a.is_floating_point()]
         self._counters = [(a, m) for a, m in pairs if not a.is_floating_point()]  # copied, not averaged
+        # 1 - decay of the next update, on the device: a replayed CUDA graph reads each update's own value
+        self.weight = torch.zeros((), device=self._averaged[0].device)
+
+    def advance(self) -> None:
+        """Count the next update and set its weight (between steps, outside a captured graph)."""
+        self.updates += 1
+        self.weight.fill_(1 - min(self.decay, (1 + self.updates) / (10 + self.updates)))
 
     @torch.no_grad()
-    def update(self) -> None:
-        self.updates += 1
-        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        torch._foreach_lerp_(self._averaged, self._live, 1 - decay)
+    def apply(self) -> None:
+        """Move the average towards the live weights by `weight` (part of the step)."""
+        torch._foreach_lerp_(self._averaged, self._live, [self.weight] * len(self._averaged))
         for average, live in self._counters:
             average.copy_(live)
+
+    def update(self) -> None:
+        self.advance()
+        self.apply()
 
 
 @dataclass
@@ -111,6 +125,8 @@ class FitResult:
     precision: str
     train_time_s: float
     resumed_from: int  # epochs taken from a checkpoint (0 = a fresh run)
+    setup_time_s: float  # compilation and CUDA graph capture (in train_time_s, not in the epochs' speeds)
+    cuda_graphs: bool  # whether the steps ran as a replayed CUDA graph
 
 
 def fit(
@@ -140,7 +156,8 @@ def fit(
     val_loader = BatchLoader(val, cfg.eval_batch_size, device, mean, std)
     dtype = resolve_precision(cfg.precision, device)
     model.to(device, memory_format=torch.channels_last)  # faster convolutions; no effect on linear layers
-    optimizer = make_optimizer(model, cfg)
+    graphs = use_cuda_graphs(cfg.cuda_graphs, device)
+    optimizer = make_optimizer(model, cfg, capturable=graphs)
     ema = EMA(model, cfg.ema) if cfg.ema else None
     compile_start = time.perf_counter()
     step_model = maybe_compile(model, cfg.compile, device, train_loader.example(), dtype)
@@ -163,13 +180,13 @@ def fit(
     resumed_from = len(run.history)
     run.train_time_s += compile_s  # compiling is part of what training costs (epoch speeds leave it out)
     selected = ema.model if ema else model  # the weights validated, selected and saved
+    steps = TrainSteps(step_model, optimizer, train_loader, dtype, cfg, ema, graphs, name)  # after the checkpoint
 
     for epoch in range(resumed_from + 1, cfg.epochs + 1):
         t0 = time.perf_counter()
-        first_step = (epoch - 1) * len(train_loader)
-        train_loss, train_acc = _train_epoch(step_model, optimizer, train_loader, dtype, cfg, ema, first_step,
-                                             epoch, name)
-        train_s = time.perf_counter() - t0
+        capture_s = steps.capture_s
+        train_loss, train_acc = _train_epoch(steps, (epoch - 1) * len(train_loader), epoch, name)
+        train_s = time.perf_counter() - t0 - (steps.capture_s - capture_s)  # the epoch's steps, not the capture
         val_loss, val_acc = _validate(ema.model if ema else step_model, val_loader, dtype)
         row = {
             "epoch": epoch,
@@ -177,7 +194,7 @@ def fit(
             "train_acc": round(train_acc, 6),
             "val_loss": round(val_loss, 6),
             "val_acc": round(val_acc, 6),
-            "lr": lr_at(first_step, len(train_loader), cfg),
+            "lr": lr_at((epoch - 1) * len(train_loader), len(train_loader), cfg),
             "epoch_time_s": round(train_s, 3),
             "images_per_s": round(len(train) / train_s, 1),
         }
@@ -199,7 +216,7 @@ def fit(
         if on_epoch:
             on_epoch(row)
     return FitResult(run.history, run.best_epoch, run.best_state, str(dtype).removeprefix("torch."),
-                     run.train_time_s, resumed_from)
+                     run.train_time_s, resumed_from, compile_s + steps.capture_s, steps.graphed)
 
 
 def augmentation(cfg: Recipe) -> Augment | None:
@@ -227,19 +244,19 @@ def param_groups(model: nn.Module, cfg: Recipe) -> list[dict[str, Any]]:
     return [{"params": decayed, "weight_decay": cfg.weight_decay}, {"params": kept, "weight_decay": 0.0}]
 
 
-def make_optimizer(model: nn.Module, cfg: Recipe = ORIGINAL_RECIPE) -> torch.optim.Optimizer:
+def make_optimizer(model: nn.Module, cfg: Recipe = ORIGINAL_RECIPE, capturable: bool = False) -> torch.optim.Optimizer:
     """AdamW, or SGD with Nesterov momentum; on CPU and CUDA their fused kernels (one pass over all
-    parameters: 4x faster than the per-tensor loop on CPU) compute the same update."""
+    parameters: 4x faster than the per-tensor loop on CPU) compute the same update. `capturable`:
+    AdamW may be recorded in a CUDA graph (SGD keeps no step count and always may)."""
     fused = next(model.parameters()).device.type in ("cpu", "cuda") or None
     groups = param_groups(model, cfg)
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=True, fused=fused)
-    return torch.optim.AdamW(groups, lr=cfg.lr, fused=fused)
+    return torch.optim.AdamW(groups, lr=cfg.lr, fused=fused, capturable=capturable)
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor | Mixed,
-               dtype: torch.dtype, cfg: Recipe = ORIGINAL_RECIPE, ema: EMA | None = None
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+               dtype: torch.dtype, cfg: Recipe = ORIGINAL_RECIPE) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimisation step; returns the batch's mean loss and its count of correct predictions
     (for a mixed batch: of its dominant labels), both still on the device (reading them is the
     caller's choice of when to sync)."""
@@ -251,8 +268,6 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tens
     if cfg.grad_clip:
         nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], cfg.grad_clip, foreach=True)
     optimizer.step()
-    if ema:
-        ema.update()
     labels = y.dominant if isinstance(y, Mixed) else y
     return loss.detach(), (logits.argmax(1) == labels).sum()
 
@@ -267,31 +282,96 @@ def _loss(logits: torch.Tensor, y: torch.Tensor | Mixed, label_smoothing: float)
     return per_image.mean()
 
 
-def _train_epoch(model, optimizer, loader: BatchLoader, dtype, cfg: Recipe, ema: EMA | None, first_step: int,
-                 epoch: int, name: str):
-    """One pass over the shuffled, augmented train split; returns (mean loss, accuracy)."""
-    model.train()
-    device = loader.device
-    loss_sum = torch.zeros((), device=device)  # accumulated on the device: no sync per step
-    correct = torch.zeros((), device=device, dtype=torch.long)
-    first_bad = torch.full((), -1, device=device, dtype=torch.long)
-    seen = 0
-    # As a context manager the bar is cleared on an error or Ctrl-C too, so messages start on a clean line.
-    with tqdm(total=len(loader), desc=f"{name} epoch {epoch}/{cfg.epochs}", unit="batch", leave=False) as bar:
-        for step, (x, y) in enumerate(loader, start=1):
-            lr = lr_at(first_step + step - 1, len(loader), cfg)
+class TrainSteps:
+    """The steps of a training run, epoch by epoch: `step` is the whole of one step, on the device.
+
+    `step` takes the epoch's next batch from the epoch's order, trains on it and adds its
+    loss, hits and a non-finite check to the epoch's totals, all in tensors of fixed address
+    and without reading a value back. So on CUDA it is recorded once as a CUDA graph
+    (`runtime.CudaGraphStep`) and replayed for every full batch; elsewhere, and for the
+    epoch's last, smaller batch (45,000 % 128 = 72 images at the defaults), it is called as
+    it is. Between steps the host sets the learning rate (in a device tensor the optimizer
+    reads, when graphed) and the EMA's weight.
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, loader: BatchLoader, dtype: torch.dtype,
+                 cfg: Recipe, ema: EMA | None, graphs: bool, name: str = "model"):
+        self.model, self.optimizer, self.loader, self.dtype, self.cfg, self.ema = model, optimizer, loader, dtype, cfg, ema
+        device, n = loader.device, len(loader.labels)
+        self.order = torch.zeros(n, dtype=torch.long, device=device)  # (N,) the epoch's permutation
+        self.batch = torch.zeros((), dtype=torch.long, device=device)  # batches of the epoch done so far
+        self.loss_sum = torch.zeros((), device=device)  # sum of per-image losses over the epoch so far
+        self.correct = torch.zeros((), dtype=torch.long, device=device)
+        self.first_bad = torch.full((), -1, dtype=torch.long, device=device)  # first step with a non-finite loss
+        self.full_batches, self.tail = divmod(n, loader.batch_size)
+        self.lr: torch.Tensor | None = None  # the optimizer's learning rate on the device, when graphed
+        self.full_step: Callable[[], None] = lambda: self.step(loader.batch_size)
+        self.graph: CudaGraphStep | None = None
+        if graphs:
+            self.lr = torch.tensor(cfg.lr, device=device)
             for group in optimizer.param_groups:
-                group["lr"] = lr
-            loss, hits = train_step(model, optimizer, x, y, dtype, cfg, ema)
-            loss_sum += loss * len(y)
-            correct += hits
-            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), step, first_bad)
-            seen += len(y)
-            if step % PROGRESS_EVERY == 0 or step == len(loader):
-                _check_finite(first_bad, epoch, name)
-                bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", refresh=False)
+                group["lr"] = self.lr
+            self.graph = CudaGraphStep(self.full_step, [loader.generator], name)
+            self.full_step = self.graph
+
+    @property
+    def capture_s(self) -> float:
+        return self.graph.capture_s if self.graph else 0.0
+
+    @property
+    def graphed(self) -> bool:
+        return self.graph is not None and self.graph.graph is not None
+
+    def epoch(self, first_step: int) -> Iterator[tuple[int, int]]:
+        """Run one epoch's steps (`first_step`: the run's step count before it), yielding after each
+        the 1-based step and the images trained on so far."""
+        self.order.copy_(self.loader.permutation())
+        self.batch.zero_()
+        self.loss_sum.zero_()
+        self.correct.zero_()
+        self.first_bad.fill_(-1)
+        batches, n = len(self.loader), len(self.loader.labels)
+        for step in range(batches):
+            lr = lr_at(first_step + step, batches, self.cfg)
+            if self.lr is None:
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr
+            else:
+                self.lr.fill_(lr)
+            if self.ema:
+                self.ema.advance()
+            if step < self.full_batches:
+                self.full_step()
+            else:
+                self.step(self.tail)
+            yield step + 1, min((step + 1) * self.loader.batch_size, n)
+
+    def step(self, batch_size: int) -> None:
+        """Train on the epoch's next `batch_size` images and add them to the epoch's totals."""
+        start = self.batch * self.loader.batch_size  # () on the device
+        idx = self.order[start + torch.arange(batch_size, device=self.order.device)]  # (B,)
+        x, y = self.loader.batch(idx)
+        loss, hits = train_step(self.model, self.optimizer, x, y, self.dtype, self.cfg)
+        if self.ema:
+            self.ema.apply()
+        self.batch += 1
+        self.loss_sum += loss * batch_size
+        self.correct += hits
+        self.first_bad.copy_(torch.where((self.first_bad < 0) & ~torch.isfinite(loss), self.batch, self.first_bad))
+
+
+def _train_epoch(steps: TrainSteps, first_step: int, epoch: int, name: str) -> tuple[float, float]:
+    """One pass over the shuffled, augmented train split; returns (mean loss, accuracy)."""
+    steps.model.train()
+    batches, n = len(steps.loader), len(steps.loader.labels)
+    # As a context manager the bar is cleared on an error or Ctrl-C too, so messages start on a clean line.
+    with tqdm(total=batches, desc=f"{name} epoch {epoch}/{steps.cfg.epochs}", unit="batch", leave=False) as bar:
+        for step, seen in steps.epoch(first_step):
+            if step % PROGRESS_EVERY == 0 or step == batches:  # the only reads of a value: one per refresh
+                _check_finite(steps.first_bad, epoch, name)
+                bar.set_postfix(loss=f"{steps.loss_sum.item() / seen:.3f}", refresh=False)
                 bar.update(step - bar.n)
-    return loss_sum.item() / seen, correct.item() / seen
+    return steps.loss_sum.item() / n, steps.correct.item() / n
 
 
 def _check_finite(first_bad: torch.Tensor, epoch: int, name: str) -> None:
