@@ -48,8 +48,8 @@ from vitcnn.config import Params, TrainConfig, recipe_for
 from vitcnn.data import FIXED_MEAN, FIXED_STD, BatchLoader, Split
 from vitcnn.models import MODELS
 from vitcnn.models.store import build_model
-from vitcnn.runtime import (keep_freed_memory, maybe_compile, resolve_device, resolve_precision, use_cuda_graphs,
-                            use_deterministic)
+from vitcnn.runtime import (CudaGraphStep, keep_freed_memory, maybe_compile, resolve_device, resolve_precision,
+                            use_cuda_graphs, use_deterministic)
 from vitcnn.recipes import params_with
 from vitcnn.train import EMA, TrainSteps, augmentation, make_optimizer, mixing
 
@@ -227,7 +227,8 @@ class BaselineProcess:
 
 def measure(engine: Engine, baseline: BaselineProcess | None, steps: int, repeats: int,
             warmup: int) -> dict[str, list[float]]:
-    engine.run(warmup)
+    # The graphed step warms up and is captured in its first calls: that belongs to the warm-up, not a window.
+    engine.run(warmup + (CudaGraphStep.WARMUP + 1 if engine.steps.graph else 0))
     if baseline:
         baseline.window(warmup)
     rates: dict[str, list[float]] = {"engine": [], "baseline": []}
@@ -316,6 +317,11 @@ def main() -> None:
     params = params_with(args.recipe, ROOT / "recipes", ROOT / "params.yaml") if args.recipe else Params()
 
     device = resolve_device(args.device)
+    if args.profile and device.type == "cuda":
+        # CUPTI must be set up before a graph is captured, or the profiler may not see its replays' kernels.
+        from torch.profiler import _utils as profiler_utils
+
+        profiler_utils._init_for_cuda_graphs()
     keep_freed_memory()  # as the training stage does
     use_deterministic(TrainConfig().deterministic)
     split, data = load_images()

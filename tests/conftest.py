@@ -14,6 +14,8 @@ import os
 # machine busy with other work each matrix product can wait ~20 ms at a barrier (50x slower).
 # Set before torch is imported, so this process and every stage it spawns use one thread.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# cuBLAS reads this once, at its first call: the deterministic GPU tests need it set before any.
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 import io  # noqa: E402
 import pickle  # noqa: E402

@@ -74,7 +74,7 @@ def test_the_graph_follows_a_per_step_learning_rate_and_trains_the_last_small_ba
     _, _, steps, lrs = run_steps("cnn", RECIPES["one-cycle"], graphs=True, precision="fp32")
     batches = len(steps.loader)
     assert lrs == pytest.approx([lr_at(s, batches, cfg) for s in range(3 * batches)], rel=1e-6)
-    assert len(set(lrs)) == len(lrs)  # a new rate every step
+    assert len(set(lrs[:batches])) > 1  # the rate changes within an epoch
     assert steps.batch.item() == batches == 6  # 5 replays and the last batch of 7
     assert torch.isfinite(steps.loss_sum) and steps.first_bad.item() == -1
 
@@ -93,7 +93,8 @@ def test_a_failed_capture_says_so_in_one_line_and_runs_the_step_eagerly(caplog):
     assert run.eager and run.graph is None
     assert counter.item() == CudaGraphStep.WARMUP + 3  # every call ran once: no step lost or doubled
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert len(warnings) == 1 and "cnn: CUDA graph capture failed" in warnings[0] and "\n" not in warnings[0]
+    assert len(warnings) == 1 and "\n" not in warnings[0]
+    assert warnings[0].startswith("cnn: cannot capture the training step as a CUDA graph (the step reads a value back")
 
 
 def test_fit_on_cuda_replays_a_graph_deterministically_and_reports_setup_apart():
@@ -105,11 +106,13 @@ def test_fit_on_cuda_replays_a_graph_deterministically_and_reports_setup_apart()
 
     from vitcnn.runtime import use_deterministic
 
-    use_deterministic(True)
+    benchmark = torch.backends.cudnn.benchmark
+    use_deterministic(True)  # conftest set CUBLAS_WORKSPACE_CONFIG before CUDA started, as the stages do
     try:
         first, second = train(0), train(0)
     finally:
         use_deterministic(False)
+        torch.backends.cudnn.benchmark = benchmark
     assert first.cuda_graphs and first.setup_time_s > 0
     assert all(torch.equal(first.state[k], second.state[k]) for k in first.state)
     assert [r["train_loss"] for r in first.history] == [r["train_loss"] for r in second.history]

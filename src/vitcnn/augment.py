@@ -159,8 +159,8 @@ def geometry(op: torch.Tensor, magnitude: torch.Tensor, size: tuple[int, int]) -
     theta = torch.deg2rad(torch.where(is_["rotate"], m, 0.0))
     cos, sin = torch.cos(theta), torch.sin(theta)
     rotation = torch.stack([torch.stack([cos, -sin], -1), torch.stack([sin, cos], -1)], -2)  # (B, 2, 2)
-    centre = torch.full((2,), W / 2, dtype=torch.float64, device=op.device)  # built on the device: no copy
-    centre[1] = H / 2
+    centre = torch.full((2,), W / 2, dtype=torch.float64, device=op.device)  # filled on the device: no host copy
+    centre.select(0, 1).fill_(H / 2)
     rotated = torch.cat([rotation, (centre - rotation @ centre).unsqueeze(-1)], -1)  # about the centre
     return torch.where(is_["rotate"].view(-1, 1, 1), rotated, matrix)
 

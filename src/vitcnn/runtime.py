@@ -179,16 +179,20 @@ class CudaGraphStep:
     `step` must keep what it reads and writes in tensors of fixed address (a caller changes
     them in place between calls) and must not read a value back to the host. `generators`
     are the non-default generators it draws from: registered with the graph, each replay
-    draws fresh numbers from them as an eager call would. If capture fails, one line says
-    why and every later call runs `step` eagerly, as training without graphs does.
+    draws fresh numbers from them as an eager call would. The last warm-up call runs with
+    CUDA's sync check on: a step that reads a value back (or copies from the host) is never
+    captured, since a failed capture can leave the allocator in a capture state. If the
+    step synchronizes or capture fails, one line says why and every later call runs `step`
+    eagerly, as training without graphs does.
     """
 
     WARMUP = 3
+    _SYNC_WARNING = "synchronizing CUDA operation"  # what CUDA's sync check warns (set_sync_debug_mode)
 
     def __init__(self, step: Callable[[], None], generators: list[torch.Generator], name: str = "model"):
         self.step, self.generators, self.name = step, generators, name
         self.graph: torch.cuda.CUDAGraph | None = None
-        self.eager = False  # capture failed: run the step as it is
+        self.eager = False  # the step cannot be captured: run it as it is
         self.calls = 0
         self.capture_s = 0.0  # time spent recording the graph (part of the run's setup, not of its epochs)
 
@@ -198,16 +202,31 @@ class CudaGraphStep:
         elif self.eager:
             self.step()
         elif self.calls < self.WARMUP:
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side), warnings.catch_warnings():
-                # A capturable optimizer warns once when it steps outside a capture: here it is meant to.
-                warnings.filterwarnings("ignore", message=".*capturable=True.*")
-                self.step()
-            torch.cuda.current_stream().wait_stream(side)
+            self._warm_up(check_syncs=self.calls == self.WARMUP - 1)
         else:
             self._capture()
         self.calls += 1
+
+    def _warm_up(self, check_syncs: bool) -> None:
+        """One real step on a side stream; with `check_syncs`, note whether it synchronized with the host."""
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            if check_syncs:
+                torch.cuda.set_sync_debug_mode("warn")  # warns at each sync, and lets the step finish
+            try:
+                self.step()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        torch.cuda.current_stream().wait_stream(side)
+        syncs = [w for w in caught if self._SYNC_WARNING in str(w.message)]
+        for w in caught:
+            # A capturable optimizer warns once when it steps outside a capture: here it is meant to.
+            if w not in syncs and "capturable=True" not in str(w.message):
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        if syncs:
+            self._give_up(f"the step reads a value back to the host: {first_line(syncs[0].message)}")
 
     def _capture(self) -> None:
         start = time.perf_counter()
@@ -222,13 +241,17 @@ class CudaGraphStep:
             raise  # the batch does not fit: the caller's message says what to try
         except Exception as exc:  # any failure to record means "train eagerly"
             torch.cuda.set_stream(entry_stream)  # a failed capture_end leaves the capture stream current
-            log.warning("%s: CUDA graph capture failed (%s); training without graphs", self.name, first_line(exc))
-            self.eager = True
+            self._give_up(first_line(exc))
             self.step()
         else:
             self.graph = graph
             graph.replay()  # the step just recorded
         self.capture_s = time.perf_counter() - start
+
+    def _give_up(self, why: str) -> None:
+        log.warning("%s: cannot capture the training step as a CUDA graph (%s); training without graphs",
+                    self.name, why)
+        self.eager = True
 
 
 def keep_freed_memory() -> None:
@@ -258,8 +281,8 @@ def use_deterministic(enabled: bool) -> None:
     Otherwise cuDNN times its convolution algorithms once per shape and keeps the fastest
     (training uses the same few shapes throughout), which can differ from run to run.
     """
-    if enabled:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS starts
+    if enabled:  # cuBLAS reads it once, at its first call in the process: call this before any GPU work
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(enabled)
     torch.backends.cudnn.deterministic = enabled
     torch.backends.cudnn.benchmark = not enabled
