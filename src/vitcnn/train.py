@@ -296,7 +296,8 @@ class TrainSteps:
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, loader: BatchLoader, dtype: torch.dtype,
                  cfg: Recipe, ema: EMA | None, graphs: bool, name: str = "model"):
-        self.model, self.optimizer, self.loader, self.dtype, self.cfg, self.ema = model, optimizer, loader, dtype, cfg, ema
+        self.model, self.optimizer, self.loader = model, optimizer, loader
+        self.dtype, self.cfg, self.ema = dtype, cfg, ema
         device, n = loader.device, len(loader.labels)
         self.order = torch.zeros(n, dtype=torch.long, device=device)  # (N,) the epoch's permutation
         self.batch = torch.zeros((), dtype=torch.long, device=device)  # batches of the epoch done so far
