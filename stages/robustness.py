@@ -21,7 +21,7 @@ from vitcnn.data import load_split
 from vitcnn.io import write_csv, write_json
 from vitcnn.models import MODELS
 from vitcnn.models.store import load_model
-from vitcnn.robustness import measure
+from vitcnn.robustness import compare, measure
 from vitcnn.runtime import keep_freed_memory, resolve_device, resolve_precision
 
 PREPARED = Path("data/prepared")
@@ -51,6 +51,7 @@ def main() -> None:
         s = r.summary()
         print(f"robustness: {name} clean {s['subset_clean_acc']:.4f}, corrupted {s['corruption_acc']:.4f} "
               f"({s['relative_robustness']:.2f} of clean), ECE {s['ece']:.4f}")
+    write_json(PLOTS / "paired.json", compare(results, cfg.calibration_bins, params.seed))
     write_json(Path("metrics/robustness.json"), {name: r.summary() for name, r in results.items()})
 
 

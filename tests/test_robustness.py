@@ -16,7 +16,9 @@ from vitcnn import corruptions as C
 from vitcnn.config import RobustnessConfig
 from vitcnn.data import Split
 from vitcnn.errors import DataError
-from vitcnn.robustness import accuracy, calibration, load_official, measure, occlusion_masks, pick_subset
+from vitcnn.robustness import (ModelRobustness, accuracy, calibration, compare, expected_calibration_error,
+                               load_official, measure, occlusion_masks, pick_subset)
+from vitcnn.visualize import robustness_reading
 
 CPU = torch.device("cpu")
 
@@ -145,6 +147,55 @@ def test_ece_nll_and_brier_match_a_hand_computed_case():
 
 
 # --- measure: the stage's work ----------------------------------------------------------------------
+
+
+def test_the_vectorised_ece_is_calibrations_ece():
+    g = torch.Generator().manual_seed(3)
+    logits, labels = torch.randn(500, 10, generator=g) * 3, torch.randint(0, 10, (500,), generator=g)
+    result = calibration(logits, labels, bins=15)
+    assert expected_calibration_error(result.confidence.astype(np.float64), result.correct, 15) == pytest.approx(
+        result.ece, abs=1e-6)
+
+
+def _model(clean: np.ndarray, share: np.ndarray, confidence: np.ndarray, correct: np.ndarray) -> ModelRobustness:
+    logits = torch.zeros(1, 2)  # only the per-image arrays matter to `compare`
+    cal = calibration(logits, torch.zeros(1, dtype=torch.long), 15)
+    cal.confidence, cal.correct = confidence, correct
+    return ModelRobustness(clean_acc=float(clean.mean()), clean_correct=clean, corrupted_share=share, calibration=cal)
+
+
+def test_paired_intervals_tell_a_real_difference_from_none():
+    rng = np.random.default_rng(0)
+    clean = rng.random(400) < 0.8
+    share = np.where(clean, rng.uniform(0.5, 1.0, 400), 0.0)
+    right = rng.random(2000) < 0.7
+    calibrated = np.full(2000, 0.7)  # confident exactly as often as right
+    overconfident = np.full(2000, 0.99)
+    same = compare({"a": _model(clean, share, calibrated, right), "b": _model(clean, share, calibrated, right)},
+                   bins=15, seed=0, resamples=500)[0]
+    assert same["relative_robustness"]["diff"] == 0 and same["relative_robustness"]["ci95"] == [0, 0]
+    # b loses a quarter of a's accuracy under corruption, and is overconfident: both clear.
+    differ = compare({"a": _model(clean, share, calibrated, right), "b": _model(clean, share * 0.75, overconfident, right)},
+                     bins=15, seed=0, resamples=500)[0]
+    robust, ece = differ["relative_robustness"], differ["ece"]
+    assert robust["ci95"][0] > 0 and robust["ci95"][0] <= robust["diff"] <= robust["ci95"][1]
+    assert ece["ci95"][1] < 0 and ece["diff"] == pytest.approx(
+        expected_calibration_error(calibrated, right, 15) - expected_calibration_error(overconfident, right, 15))
+    assert robust["images"] == 400 and ece["images"] == 2000
+    # Two models that differ image by image at random, on few images: the intervals include 0, and the
+    # reading says neither is clearly better.
+    other_share = np.where(clean[:40], rng.uniform(0.5, 1.0, 40), 0.0)
+    other_confidence = np.clip(calibrated[:40] + rng.normal(0, 0.1, 40), 0, 1)
+    noisy = compare({"a": _model(clean[:40], share[:40], calibrated[:40], right[:40]),
+                     "b": _model(clean[:40], other_share, other_confidence, right[:40])},
+                    bins=15, seed=0, resamples=500)
+    assert noisy[0]["relative_robustness"]["ci95"][0] < 0 < noisy[0]["relative_robustness"]["ci95"][1]
+    metrics = {"a": {"relative_robustness": 0.8, "ece": 0.02}, "b": {"relative_robustness": 0.78, "ece": 0.03}}
+    reading = robustness_reading(metrics, noisy)
+    assert "neither degrades clearly more gracefully" in reading[0]
+    assert "neither is clearly better calibrated" in reading[1]
+    clear = robustness_reading(metrics, [differ])
+    assert "the a degrades more gracefully" in clear[0] and "the a is the better calibrated" in clear[1]
 
 
 class Brightness(torch.nn.Module):

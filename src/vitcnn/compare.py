@@ -45,6 +45,7 @@ class Results:
     train_metrics: dict[str, dict]  # metrics/train_<model>.json
     models: dict[str, tuple[nn.Module, dict]]  # (model in eval mode on the CPU, its config.json)
     robustness: dict[str, dict]  # metrics/robustness.json
+    paired: list[dict]  # plots/robustness/paired.json: differences between models with their intervals
     corruptions: dict[str, list[dict]]  # rows of plots/robustness/corruptions/<model>.csv
     occlusion: dict[str, list[dict]]
     reliability: dict[str, list[dict]]
@@ -70,6 +71,7 @@ def read_results(classes: list[str], test: Split, plots: Path, metrics_dir: Path
         train_metrics={n: read_json(metrics_dir / f"train_{n}.json") for n in MODELS},
         models={n: load_model(models_dir / n) for n in MODELS},
         robustness=read_json(metrics_dir / "robustness.json"),
+        paired=read_json(plots / "robustness" / "paired.json"),
         corruptions={n: _rows(plots / "robustness" / "corruptions" / f"{n}.csv") for n in MODELS},
         occlusion={n: _rows(plots / "robustness" / "occlusion" / f"{n}.csv") for n in MODELS},
         reliability={n: _rows(plots / "robustness" / "reliability" / f"{n}.csv") for n in MODELS},
@@ -223,6 +225,6 @@ def write_report(results: Results, figures: Figures, dataset: str, path: Path) -
              f"`{out.as_posix()}/`.")
     title = f"{' vs '.join(viz.label(n) for n in MODELS)} on {dataset}"
     text = viz.report(title, intro, results.metrics, setups, results.classes, results.per_class, results.robustness,
-                      listed)
+                      results.paired, listed)
     with atomic_write(path) as tmp:
         tmp.write_text(text)

@@ -10,10 +10,14 @@
 - Calibration, on the whole clean test split: expected calibration error over equal-width
   confidence bins (Guo et al. 2017), negative log-likelihood and the Brier score, and the
   reliability diagram's bins.
+- Comparisons between models: the difference of relative robustness and of ECE, with a 95%
+  paired bootstrap interval over the images (every model saw the same ones), so that a
+  report says "more robust" only where the difference is more than the images' noise.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
+from scipy import stats
 
 from vitcnn.config import RobustnessConfig
 from vitcnn.corruptions import CORRUPTIONS, corrupt
@@ -35,6 +40,8 @@ class Calibration:
     nll: float
     brier: float
     bins: list[dict[str, float]]  # per bin: lower and upper confidence, mean confidence, accuracy, count
+    confidence: np.ndarray  # (N,) per test image: the top class's probability
+    correct: np.ndarray  # (N,) bool: whether the top class is the label
 
 
 @dataclass
@@ -43,6 +50,8 @@ class ModelRobustness:
     corruption_acc: dict[str, dict[int, float]] = field(default_factory=dict)  # {corruption: {severity: acc}}
     occlusion_acc: dict[str, dict[float, float]] = field(default_factory=dict)  # {"patches"|"box": {fraction: acc}}
     calibration: Calibration | None = None
+    clean_correct: np.ndarray | None = None  # (n,) bool per subset image
+    corrupted_share: np.ndarray | None = None  # (n,) per subset image: share of (corruption, severity) it is right on
 
     def mean_corruption_acc(self) -> float:
         return float(np.mean([acc for severities in self.corruption_acc.values() for acc in severities.values()]))
@@ -72,20 +81,27 @@ def pick_subset(labels: torch.Tensor, size: int, seed: int) -> torch.Tensor:
     return torch.from_numpy(taken)
 
 
-def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, config: dict, device: torch.device,
-             dtype: torch.dtype, batch_size: int, occlude: torch.Tensor | None = None) -> float:
-    """Top-1 accuracy of `model` on uint8 images (N, H, W, C), normalised as it was trained; `occlude`
-    (N, 1, H, W) bool marks pixels replaced by the mean colour (0 after normalisation)."""
+def correct(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, config: dict, device: torch.device,
+            dtype: torch.dtype, batch_size: int, occlude: torch.Tensor | None = None) -> np.ndarray:
+    """(N,) bool: whether `model` classifies each uint8 image (N, H, W, C) right, normalised as it was
+    trained; `occlude` (N, 1, H, W) bool marks pixels replaced by the mean colour (0 after normalisation)."""
     loader = BatchLoader(Split(images, labels), batch_size, device, config["mean"], config["std"])
     keep = None if occlude is None else (~occlude).to(device)
     model.eval()
-    correct = torch.zeros((), device=device, dtype=torch.long)
+    hits = []
     with torch.no_grad(), autocast(device, dtype):
         for start, (x, y) in zip(range(0, len(labels), batch_size), loader):
             if keep is not None:
                 x = x * keep[start : start + len(x)]
-            correct += (model(x).argmax(1) == y).sum()
-    return correct.item() / len(labels)
+            hits.append(model(x).argmax(1) == y)
+    return torch.cat(hits).cpu().numpy()
+
+
+def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, config: dict, device: torch.device,
+             dtype: torch.dtype, batch_size: int, occlude: torch.Tensor | None = None) -> float:
+    """Top-1 accuracy: the share of `correct`."""
+    hits = correct(model, images, labels, config, device, dtype, batch_size, occlude)
+    return int(hits.sum()) / len(hits)
 
 
 def corrupted_images(images: torch.Tensor, name: str, severity: int, seed: int, cfg: RobustnessConfig,
@@ -141,7 +157,44 @@ def calibration(logits: torch.Tensor, labels: torch.Tensor, bins: int) -> Calibr
     nll = torch.nn.functional.cross_entropy(logits.float(), labels).item()
     onehot = torch.nn.functional.one_hot(labels, probs.shape[1]).float()
     brier = ((probs - onehot) ** 2).sum(1).mean().item()
-    return Calibration(ece, nll, brier, rows)
+    return Calibration(ece, nll, brier, rows, confidence.cpu().numpy(), correct.cpu().numpy().astype(bool))
+
+
+def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray, bins: int, axis: int = -1) -> np.ndarray:
+    """ECE along `axis` (any leading axes are separate samples): the sum over equal-width confidence bins
+    of |sum of (confidence - correct) in the bin| / N, which is `calibration`'s count-weighted gap."""
+    index = np.searchsorted(np.linspace(0, 1, bins + 1)[1:-1], confidence, side="right")  # as torch.bucketize(right)
+    gap = confidence - correct
+    total = sum(np.abs(np.where(index == b, gap, 0.0).sum(axis)) for b in range(bins))
+    return total / confidence.shape[axis]
+
+
+def compare(results: dict[str, ModelRobustness], bins: int, seed: int, resamples: int = 2000) -> list[dict]:
+    """For each pair of models (a, b): a's relative robustness and ECE minus b's, each with a 95% paired
+    bootstrap interval (percentile; scipy) over the images both saw: the subset for robustness, the
+    test split for ECE. An interval that contains 0 means the images cannot tell the two apart."""
+    def relative(clean, share, axis=-1):
+        return share.mean(axis) / clean.mean(axis)
+
+    pairs = []
+    for a, b in itertools.combinations(results, 2):
+        ra, rb = results[a], results[b]
+        robust = ((ra.clean_correct, ra.corrupted_share, rb.clean_correct, rb.corrupted_share),
+                  lambda ca, sa, cb, sb, axis=-1: relative(ca, sa, axis) - relative(cb, sb, axis))
+        ece = ((ra.calibration.confidence, ra.calibration.correct, rb.calibration.confidence, rb.calibration.correct),
+               lambda fa, ka, fb, kb, axis=-1: (expected_calibration_error(fa, ka, bins, axis)
+                                                - expected_calibration_error(fb, kb, bins, axis)))
+        row = {"a": a, "b": b}
+        for key, (data, statistic) in {"relative_robustness": robust, "ece": ece}.items():
+            data = tuple(np.asarray(d, dtype=np.float64) for d in data)
+            with np.errstate(divide="ignore", invalid="ignore"):  # a resample with no clean hit has no ratio
+                ci = stats.bootstrap(data, statistic, paired=True, vectorized=True, n_resamples=resamples,
+                                     batch=50, method="percentile", rng=np.random.default_rng(seed)).confidence_interval
+            row[key] = {"diff": round(float(statistic(*data)), 6), "ci95": [round(float(ci.low), 6),
+                                                                            round(float(ci.high), 6)],
+                        "images": len(data[0])}
+        pairs.append(row)
+    return pairs
 
 
 def load_official(folder: Path, corruptions: list[str], test_labels: torch.Tensor) -> dict[str, np.ndarray]:
@@ -182,13 +235,17 @@ def measure(models: dict[str, tuple[nn.Module, dict]], test: Split, cfg: Robustn
     results = {}
     for name, (model, config) in models.items():
         model.to(device, memory_format=torch.channels_last)
-        results[name] = ModelRobustness(clean_acc=accuracy(model, images, labels, config, device, dtype, cfg.batch_size))
+        hits = correct(model, images, labels, config, device, dtype, cfg.batch_size)
+        results[name] = ModelRobustness(clean_acc=int(hits.sum()) / len(hits), clean_correct=hits,
+                                        corrupted_share=np.zeros(len(hits)))
+    conditions = len(cfg.corruptions) * len(cfg.severities)
     for corruption in cfg.corruptions:
         for severity in cfg.severities:
             corrupted = corrupted_images(images, corruption, severity, seed, cfg, official, subset)
             for name, (model, config) in models.items():
-                results[name].corruption_acc.setdefault(corruption, {})[severity] = accuracy(
-                    model, corrupted, labels, config, device, dtype, cfg.batch_size)
+                hits = correct(model, corrupted, labels, config, device, dtype, cfg.batch_size)
+                results[name].corruption_acc.setdefault(corruption, {})[severity] = int(hits.sum()) / len(hits)
+                results[name].corrupted_share += hits / conditions
     for kind in ("patches", "box"):
         for fraction in [0.0, *cfg.occlusion_fractions]:
             mask = occlusion_masks(len(labels), images.shape[1], fraction, kind, cfg.occlusion_patch, seed)

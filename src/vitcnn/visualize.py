@@ -453,17 +453,38 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     return lines + ["| " + " | ".join(row) + " |" for row in rows]
 
 
-def robustness_reading(robustness: dict[str, dict]) -> list[str]:
-    """Two sentences on what metrics/robustness.json shows: who keeps more accuracy, who is better calibrated."""
-    models = list(robustness)
-    kept = sorted(models, key=lambda m: -robustness[m]["relative_robustness"])
-    calibrated = sorted(models, key=lambda m: robustness[m]["ece"])
-    keeps = "; ".join(f"the {label(m)} keeps {100 * robustness[m]['relative_robustness']:.0f}% of its clean accuracy"
-                      for m in kept)
-    errors = ", ".join(f"{label(m)} {robustness[m]['ece']:.3f}" for m in calibrated)
-    return [f"Under corruption {keeps}, so the {label(kept[0])} degrades more gracefully here.",
-            f"Expected calibration error (lower: confidence closer to accuracy): {errors}; the {label(calibrated[0])} "
-            "is the better calibrated."]
+def robustness_reading(robustness: dict[str, dict], paired: list[dict]) -> list[str]:
+    """What metrics/robustness.json shows, pair by pair: who keeps more of its accuracy under corruption and
+    who is better calibrated, said only where the pair's 95% paired interval excludes zero."""
+    lines = []
+    for pair in paired:
+        a, b = pair["a"], pair["b"]
+        robust, ece = pair["relative_robustness"], pair["ece"]
+        keeps = (f"Under corruption the {label(a)} keeps {100 * robustness[a]['relative_robustness']:.0f}% of its "
+                 f"clean accuracy and the {label(b)} {100 * robustness[b]['relative_robustness']:.0f}%: "
+                 f"{label(a)} − {label(b)} {_points(robust['diff'], 100)} points "
+                 f"[95% CI {_points(robust['ci95'][0], 100)}, {_points(robust['ci95'][1], 100)}] "
+                 f"(paired bootstrap over the {robust['images']} images)")
+        lines.append(keeps + _verdict(robust, f"the {label(a)} degrades more gracefully",
+                                      f"the {label(b)} degrades more gracefully", "neither degrades clearly more gracefully"))
+        errors = (f"Expected calibration error (lower: confidence closer to accuracy): {label(a)} "
+                  f"{robustness[a]['ece']:.3f}, {label(b)} {robustness[b]['ece']:.3f}; {label(a)} − {label(b)} "
+                  f"{_points(ece['diff'])} [95% CI {_points(ece['ci95'][0])}, {_points(ece['ci95'][1])}] "
+                  f"over the {ece['images']} test images")
+        lines.append(errors + _verdict(ece, f"the {label(b)} is the better calibrated",
+                                       f"the {label(a)} is the better calibrated", "neither is clearly better calibrated"))
+    return lines
+
+
+def _points(value: float, scale: float = 1) -> str:
+    return f"{scale * value:+.1f}" if scale != 1 else f"{value:+.3f}"
+
+
+def _verdict(difference: dict, above: str, below: str, neither: str) -> str:
+    """`above` when the interval of a − b lies above 0, `below` when below, else `neither`."""
+    low, high = difference["ci95"]
+    verdict = above if low > 0 else below if high < 0 else f"{neither} (the interval includes no difference)"
+    return f"; {verdict}."
 
 
 def report(
@@ -474,12 +495,13 @@ def report(
     classes: list[str],
     per_class: dict[str, Sequence[str]],
     robustness: dict[str, dict],
+    paired: list[dict],
     figures: Sequence[tuple[str, str, str]],
 ) -> str:
     """The one-page Markdown report.
 
     metrics: model -> its entry of metrics/evaluate.json (shown exactly as written); robustness:
-    the same of metrics/robustness.json.
+    the same of metrics/robustness.json; paired: plots/robustness/paired.json.
     setups: model -> {setting (Markdown): value}; the settings on which the models differ
     make a table, the rest one list. per_class: model -> accuracy per
     class as written. figures: (heading, relative path, what it shows).
@@ -510,7 +532,7 @@ def report(
     keys = list(dict.fromkeys(k for m in models for k in robustness[m]))
     lines += _table(["metric", *names], [[f"{METRIC_LABELS.get(k, k)} (`{k}`)",
                                           *(as_written(robustness[m].get(k, "—")) for m in models)] for k in keys])
-    lines += ["", *robustness_reading(robustness)]
+    lines += ["", *robustness_reading(robustness, paired)]
 
     lines += ["", "## Figures", ""]
     for heading, link, caption in figures:
