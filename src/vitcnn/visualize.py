@@ -459,25 +459,23 @@ def robustness_reading(robustness: dict[str, dict], paired: list[dict]) -> list[
     lines = []
     for pair in paired:
         a, b = pair["a"], pair["b"]
+        la, lb = label(a), label(b)
         robust, ece = pair["relative_robustness"], pair["ece"]
-        keeps = (f"Under corruption the {label(a)} keeps {100 * robustness[a]['relative_robustness']:.0f}% of its "
-                 f"clean accuracy and the {label(b)} {100 * robustness[b]['relative_robustness']:.0f}%: "
-                 f"{label(a)} − {label(b)} {_points(robust['diff'], 100)} points "
-                 f"[95% CI {_points(robust['ci95'][0], 100)}, {_points(robust['ci95'][1], 100)}] "
-                 f"(paired bootstrap over the {robust['images']} images)")
-        lines.append(keeps + _verdict(robust, f"the {label(a)} degrades more gracefully",
-                                      f"the {label(b)} degrades more gracefully", "neither degrades clearly more gracefully"))
-        errors = (f"Expected calibration error (lower: confidence closer to accuracy): {label(a)} "
-                  f"{robustness[a]['ece']:.3f}, {label(b)} {robustness[b]['ece']:.3f}; {label(a)} − {label(b)} "
-                  f"{_points(ece['diff'])} [95% CI {_points(ece['ci95'][0])}, {_points(ece['ci95'][1])}] "
-                  f"over the {ece['images']} test images")
-        lines.append(errors + _verdict(ece, f"the {label(b)} is the better calibrated",
-                                       f"the {label(a)} is the better calibrated", "neither is clearly better calibrated"))
+        points = [f"{100 * v:+.1f}" for v in (robust["diff"], *robust["ci95"])]  # a difference, in points
+        lines.append(
+            f"Under corruption the {la} keeps {100 * robustness[a]['relative_robustness']:.0f}% of its clean accuracy "
+            f"and the {lb} {100 * robustness[b]['relative_robustness']:.0f}%: {la} − {lb} {points[0]} points "
+            f"[95% CI {points[1]}, {points[2]}] (paired bootstrap over the {robust['images']} images)"
+            + _verdict(robust, f"the {la} degrades more gracefully", f"the {lb} degrades more gracefully",
+                       "neither degrades clearly more gracefully"))
+        gaps = [f"{v:+.3f}" for v in (ece["diff"], *ece["ci95"])]
+        lines.append(
+            f"Expected calibration error (lower: confidence closer to accuracy): {la} {robustness[a]['ece']:.3f}, "
+            f"{lb} {robustness[b]['ece']:.3f}; {la} − {lb} {gaps[0]} [95% CI {gaps[1]}, {gaps[2]}] over the "
+            f"{ece['images']} test images"
+            + _verdict(ece, f"the {lb} is the better calibrated", f"the {la} is the better calibrated",
+                       "neither is clearly better calibrated"))
     return lines
-
-
-def _points(value: float, scale: float = 1) -> str:
-    return f"{scale * value:+.1f}" if scale != 1 else f"{value:+.3f}"
 
 
 def _verdict(difference: dict, above: str, below: str, neither: str) -> str:
