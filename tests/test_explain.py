@@ -192,6 +192,9 @@ ROBUSTNESS = {  # as metrics/robustness.json writes them
     "cnn": {"subset_clean_acc": 0.8, "corruption_acc": 0.5, "relative_robustness": 0.625, "occlusion_patches_acc": 0.3,
             "occlusion_box_acc": 0.45, "ece": 0.082, "nll": 0.9, "brier": 0.4},
 }
+PAIRED = [{"a": "vit", "b": "cnn",  # as plots/robustness/paired.json writes them
+           "relative_robustness": {"diff": 0.125, "ci95": [0.05, 0.2], "images": 30},
+           "ece": {"diff": -0.051, "ci95": None, "images": 30}}]
 RECIPES = {"vit": {"optimizer": "adamw", "lr": 0.001, "epochs": 2}, "cnn": {"optimizer": "sgd", "lr": 0.1, "epochs": 2}}
 
 
@@ -225,6 +228,7 @@ def project(tmp_path_factory) -> Path:
                   [[c, round(accuracy(i), 6)] for i, c in enumerate(CLASSES)])
     write_json(root / "metrics/evaluate.json", METRICS)
     write_json(root / "metrics/robustness.json", ROBUSTNESS)
+    write_json(root / "plots/robustness/paired.json", PAIRED)
     for name in MODELS:
         write_csv(root / "plots/robustness/corruptions" / f"{name}.csv", ["corruption", "severity", "accuracy"],
                   [[c, s, 0.5 - 0.05 * s] for c in ("gaussian_noise", "contrast") for s in (1, 3, 5)])
@@ -255,8 +259,11 @@ def test_report_shows_both_models_metrics_exactly_as_written(project):
 def test_report_reads_robustness_and_calibration_from_its_metrics(project):
     report = (project / "plots/report.md").read_text()
     assert "| relative robustness (corrupted / clean) (`relative_robustness`) | 0.75 | 0.625 |" in report
-    assert "the ViT keeps 75% of its clean accuracy; the CNN keeps 62% of its clean accuracy" in report
-    assert "ViT 0.031, CNN 0.082; the ViT is the better calibrated" in report
+    # The reading follows plots/robustness/paired.json: a verdict only where the interval excludes 0.
+    assert ("Under corruption the ViT keeps 75% of its clean accuracy and the CNN 62%: ViT − CNN +12.5 points "
+            "[95% CI +5.0, +20.0] (paired bootstrap over the 30 images); the ViT degrades more gracefully.") in report
+    assert ("ViT 0.031, CNN 0.082; ViT − CNN -0.051 [too few images for an interval] over the 30 test images; "
+            "neither is clearly better calibrated (too few images to tell).") in report
 
 
 def test_report_lists_what_differs_and_links_every_figure(project):

@@ -194,6 +194,12 @@ def test_paired_intervals_tell_a_real_difference_from_none():
     reading = robustness_reading(metrics, noisy)
     assert "neither degrades clearly more gracefully" in reading[0]
     assert "neither is clearly better calibrated" in reading[1]
+    # Eight images, one clean hit: some resamples have no ratio, so there is no interval, and no verdict.
+    few = np.array([True] + [False] * 7)
+    none = compare({"a": _model(few, few * 0.5, calibrated[:8], right[:8]),
+                    "b": _model(few, few * 0.4, calibrated[:8], right[:8])}, bins=15, seed=0, resamples=200)
+    assert none[0]["relative_robustness"]["ci95"] is None
+    assert "too few images to tell" in robustness_reading(metrics, none)[0]
     clear = robustness_reading(metrics, [differ])
     assert "the a degrades more gracefully" in clear[0] and "the a is the better calibrated" in clear[1]
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -172,7 +173,8 @@ def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray, bins
 def compare(results: dict[str, ModelRobustness], bins: int, seed: int, resamples: int = 2000) -> list[dict]:
     """For each pair of models (a, b): a's relative robustness and ECE minus b's, each with a 95% paired
     bootstrap interval (percentile; scipy) over the images both saw: the subset for robustness, the
-    test split for ECE. An interval that contains 0 means the images cannot tell the two apart."""
+    test split for ECE. An interval that contains 0 means the images cannot tell the two apart; an
+    interval of None, that there are too few images for one."""
     def relative(clean, share, axis=-1):
         return share.mean(axis) / clean.mean(axis)
 
@@ -187,11 +189,15 @@ def compare(results: dict[str, ModelRobustness], bins: int, seed: int, resamples
         row = {"a": a, "b": b}
         for key, (data, statistic) in {"relative_robustness": robust, "ece": ece}.items():
             data = tuple(np.asarray(d, dtype=np.float64) for d in data)
-            with np.errstate(divide="ignore", invalid="ignore"):  # a resample with no clean hit has no ratio
+            # A resample with no clean hit has no ratio (few images, a model near chance): the interval is
+            # then None, which the report says, rather than a warning.
+            with np.errstate(divide="ignore", invalid="ignore"), warnings.catch_warnings():
+                warnings.simplefilter("ignore", stats.DegenerateDataWarning)
                 ci = stats.bootstrap(data, statistic, paired=True, vectorized=True, n_resamples=resamples,
                                      batch=50, method="percentile", rng=np.random.default_rng(seed)).confidence_interval
-            row[key] = {"diff": round(float(statistic(*data)), 6), "ci95": [round(float(ci.low), 6),
-                                                                            round(float(ci.high), 6)],
+            bounds = [float(ci.low), float(ci.high)]
+            row[key] = {"diff": round(float(statistic(*data)), 6),
+                        "ci95": [round(v, 6) for v in bounds] if np.isfinite(bounds).all() else None,
                         "images": len(data[0])}
         pairs.append(row)
     return pairs

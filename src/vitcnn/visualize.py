@@ -461,25 +461,34 @@ def robustness_reading(robustness: dict[str, dict], paired: list[dict]) -> list[
         a, b = pair["a"], pair["b"]
         la, lb = label(a), label(b)
         robust, ece = pair["relative_robustness"], pair["ece"]
-        points = [f"{100 * v:+.1f}" for v in (robust["diff"], *robust["ci95"])]  # a difference, in points
         lines.append(
             f"Under corruption the {la} keeps {100 * robustness[a]['relative_robustness']:.0f}% of its clean accuracy "
-            f"and the {lb} {100 * robustness[b]['relative_robustness']:.0f}%: {la} − {lb} {points[0]} points "
-            f"[95% CI {points[1]}, {points[2]}] (paired bootstrap over the {robust['images']} images)"
+            f"and the {lb} {100 * robustness[b]['relative_robustness']:.0f}%: {la} − {lb} "
+            f"{_difference(robust, scale=100, unit=' points')} (paired bootstrap over the {robust['images']} images)"
             + _verdict(robust, f"the {la} degrades more gracefully", f"the {lb} degrades more gracefully",
                        "neither degrades clearly more gracefully"))
-        gaps = [f"{v:+.3f}" for v in (ece["diff"], *ece["ci95"])]
         lines.append(
             f"Expected calibration error (lower: confidence closer to accuracy): {la} {robustness[a]['ece']:.3f}, "
-            f"{lb} {robustness[b]['ece']:.3f}; {la} − {lb} {gaps[0]} [95% CI {gaps[1]}, {gaps[2]}] over the "
+            f"{lb} {robustness[b]['ece']:.3f}; {la} − {lb} {_difference(ece, scale=1, unit='', digits=3)} over the "
             f"{ece['images']} test images"
             + _verdict(ece, f"the {lb} is the better calibrated", f"the {la} is the better calibrated",
                        "neither is clearly better calibrated"))
     return lines
 
 
+def _difference(difference: dict, scale: float, unit: str, digits: int = 1) -> str:
+    """'+1.6 points [95% CI -1.9, +5.1]': a difference and its interval, scaled (100: fractions to points)."""
+    text = f"{scale * difference['diff']:+.{digits}f}{unit}"
+    if difference["ci95"] is None:
+        return text + " [too few images for an interval]"
+    low, high = (f"{scale * v:+.{digits}f}" for v in difference["ci95"])
+    return f"{text} [95% CI {low}, {high}]"
+
+
 def _verdict(difference: dict, above: str, below: str, neither: str) -> str:
     """`above` when the interval of a − b lies above 0, `below` when below, else `neither`."""
+    if difference["ci95"] is None:
+        return f"; {neither} (too few images to tell)."
     low, high = difference["ci95"]
     verdict = above if low > 0 else below if high < 0 else f"{neither} (the interval includes no difference)"
     return f"; {verdict}."
