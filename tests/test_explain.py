@@ -194,6 +194,7 @@ ROBUSTNESS = {  # as metrics/robustness.json writes them
 }
 PAIRED = [{"a": "vit", "b": "cnn",  # as plots/robustness/paired.json writes them
            "relative_robustness": {"diff": 0.125, "ci95": [0.05, 0.2], "images": 30},
+           "occlusion_box_acc": {"diff": -0.05, "ci95": [-0.09, -0.01], "images": 30},
            "ece": {"diff": -0.051, "ci95": None, "images": 30}}]
 RECIPES = {"vit": {"optimizer": "adamw", "lr": 0.001, "epochs": 2}, "cnn": {"optimizer": "sgd", "lr": 0.1, "epochs": 2}}
 
@@ -262,6 +263,9 @@ def test_report_reads_robustness_and_calibration_from_its_metrics(project):
     # The reading follows plots/robustness/paired.json: a verdict only where the interval excludes 0.
     assert ("Under corruption the ViT keeps 75% of its clean accuracy and the CNN 62%: ViT − CNN +12.5 points "
             "[95% CI +5.0, +20.0] (paired bootstrap over the 30 images); the ViT degrades more gracefully.") in report
+    assert ("With a central box removed (accuracy averaged over the fractions): ViT − CNN -5.0 points "
+            "[95% CI -9.0, -1.0]; the CNN holds up better.") in report
+    assert "With random patches removed" not in report  # no interval for it in paired.json: no sentence
     assert ("ViT 0.031, CNN 0.082; ViT − CNN -0.051 [too few images for an interval] over the 30 test images; "
             "neither is clearly better calibrated (too few images to tell).") in report
 

@@ -126,10 +126,12 @@ def test_repro_measures_robustness_and_calibration(project):
         assert sum(int(b["count"]) for b in bins) == TEST_IMAGES
     paired = read_json(repo / "plots" / "robustness" / "paired.json")
     assert [(p["a"], p["b"]) for p in paired] == [tuple(MODELS)]  # one pair of the two registered models
-    for key in ("relative_robustness", "ece"):  # tiny data: an interval, or None where a resample has no ratio
+    for key in ("relative_robustness", "occlusion_patches_acc", "occlusion_box_acc", "ece"):
+        # tiny data: an interval, or None where a resample has no ratio
         interval = paired[0][key]["ci95"]
         assert interval is None or interval[0] <= interval[1]
-    assert paired[0]["ece"]["diff"] == pytest.approx(metrics[MODELS[0]]["ece"] - metrics[MODELS[1]]["ece"], abs=2e-6)
+    for key in ("ece", "occlusion_box_acc"):
+        assert paired[0][key]["diff"] == pytest.approx(metrics[MODELS[0]][key] - metrics[MODELS[1]][key], abs=2e-6)
     shown = json.loads(dvc("metrics", "show", "--json", cwd=repo, env=project["env"]).stdout)
     assert set(MODELS) <= set(_find_metrics(shown, "metrics/robustness.json"))
     assert "Robustness and calibration" in (repo / "plots" / "report.md").read_text()

@@ -229,6 +229,9 @@ def test_clean_severity_and_empty_occlusion_give_the_clean_accuracy_exactly():
     assert summary["corruption_acc"] == pytest.approx(np.mean([a for s in results.corruption_acc.values()
                                                                for a in s.values()]), abs=1e-6)
     assert {"ece", "nll", "brier", "relative_robustness", "occlusion_box_acc"} <= set(summary)
+    # The per-image shares behind the paired intervals average to the same accuracies.
+    assert results.corrupted_share.mean() == pytest.approx(summary["corruption_acc"], abs=1e-6)
+    assert results.occluded_share["box"].mean() == pytest.approx(summary["occlusion_box_acc"], abs=1e-6)
 
 
 def test_a_subset_larger_than_the_test_split_is_one_line():

@@ -53,6 +53,7 @@ class ModelRobustness:
     calibration: Calibration | None = None
     clean_correct: np.ndarray | None = None  # (n,) bool per subset image
     corrupted_share: np.ndarray | None = None  # (n,) per subset image: share of (corruption, severity) it is right on
+    occluded_share: dict[str, np.ndarray] = field(default_factory=dict)  # {kind: (n,) share of fractions right on}
 
     def mean_corruption_acc(self) -> float:
         return float(np.mean([acc for severities in self.corruption_acc.values() for acc in severities.values()]))
@@ -171,10 +172,10 @@ def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray, bins
 
 
 def compare(results: dict[str, ModelRobustness], bins: int, seed: int, resamples: int = 2000) -> list[dict]:
-    """For each pair of models (a, b): a's relative robustness and ECE minus b's, each with a 95% paired
-    bootstrap interval (percentile; scipy) over the images both saw: the subset for robustness, the
-    test split for ECE. An interval that contains 0 means the images cannot tell the two apart; an
-    interval of None, that there are too few images for one."""
+    """For each pair of models (a, b): a's relative robustness, mean accuracy under each occlusion and ECE
+    minus b's, each with a 95% paired bootstrap interval (percentile; scipy) over the images both saw: the
+    subset for robustness and occlusion, the test split for ECE. An interval that contains 0 means the
+    images cannot tell the two apart; an interval of None, that there are too few images for one."""
     def relative(clean, share, axis=-1):
         return share.mean(axis) / clean.mean(axis)
 
@@ -186,8 +187,12 @@ def compare(results: dict[str, ModelRobustness], bins: int, seed: int, resamples
         ece = ((ra.calibration.confidence, ra.calibration.correct, rb.calibration.confidence, rb.calibration.correct),
                lambda fa, ka, fb, kb, axis=-1: (expected_calibration_error(fa, ka, bins, axis)
                                                 - expected_calibration_error(fb, kb, bins, axis)))
+        differences = {"relative_robustness": robust, "ece": ece}
+        for kind in ra.occluded_share:  # mean accuracy over the occluded fractions, as occlusion_<kind>_acc
+            differences[f"occlusion_{kind}_acc"] = ((ra.occluded_share[kind], rb.occluded_share[kind]),
+                                                    lambda sa, sb, axis=-1: sa.mean(axis) - sb.mean(axis))
         row = {"a": a, "b": b}
-        for key, (data, statistic) in {"relative_robustness": robust, "ece": ece}.items():
+        for key, (data, statistic) in differences.items():
             data = tuple(np.asarray(d, dtype=np.float64) for d in data)
             # A resample with no clean hit has no ratio (few images, a model near chance): the interval is
             # then None, which the report says, rather than a warning.
@@ -252,12 +257,15 @@ def measure(models: dict[str, tuple[nn.Module, dict]], test: Split, cfg: Robustn
                 hits = correct(model, corrupted, labels, config, device, dtype, cfg.batch_size)
                 results[name].corruption_acc.setdefault(corruption, {})[severity] = int(hits.sum()) / len(hits)
                 results[name].corrupted_share += hits / conditions
+    fractions = [0.0, *cfg.occlusion_fractions]
     for kind in ("patches", "box"):
-        for fraction in [0.0, *cfg.occlusion_fractions]:
+        for fraction in fractions:
             mask = occlusion_masks(len(labels), images.shape[1], fraction, kind, cfg.occlusion_patch, seed)
             for name, (model, config) in models.items():
-                results[name].occlusion_acc.setdefault(kind, {})[fraction] = accuracy(
-                    model, images, labels, config, device, dtype, cfg.batch_size, occlude=mask)
+                hits = correct(model, images, labels, config, device, dtype, cfg.batch_size, occlude=mask)
+                results[name].occlusion_acc.setdefault(kind, {})[fraction] = int(hits.sum()) / len(hits)
+                share = results[name].occluded_share.setdefault(kind, np.zeros(len(hits)))
+                share += hits / len(fractions)
     for name, (model, config) in models.items():
         loader = BatchLoader(test, cfg.batch_size, device, config["mean"], config["std"])
         results[name].calibration = calibration(predict(model, loader, dtype), loader.labels, cfg.calibration_bins)

@@ -454,8 +454,9 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
 
 
 def robustness_reading(robustness: dict[str, dict], paired: list[dict]) -> list[str]:
-    """What metrics/robustness.json shows, pair by pair: who keeps more of its accuracy under corruption and
-    who is better calibrated, said only where the pair's 95% paired interval excludes zero."""
+    """What metrics/robustness.json shows, pair by pair: who keeps more of its accuracy under corruption, who
+    holds up better under occlusion and who is better calibrated, said only where the pair's 95% paired
+    interval excludes zero."""
     lines = []
     for pair in paired:
         a, b = pair["a"], pair["b"]
@@ -467,6 +468,14 @@ def robustness_reading(robustness: dict[str, dict], paired: list[dict]) -> list[
             f"{_difference(robust, scale=100, unit=' points')} (paired bootstrap over the {robust['images']} images)"
             + _verdict(robust, f"the {la} degrades more gracefully", f"the {lb} degrades more gracefully",
                        "neither degrades clearly more gracefully"))
+        for kind, what in (("patches", "random patches"), ("box", "a central box")):
+            occluded = pair.get(f"occlusion_{kind}_acc")
+            if occluded:
+                lines.append(
+                    f"With {what} removed (accuracy averaged over the fractions): {la} − {lb} "
+                    f"{_difference(occluded, scale=100, unit=' points')}"
+                    + _verdict(occluded, f"the {la} holds up better", f"the {lb} holds up better",
+                               "neither holds up clearly better"))
         lines.append(
             f"Expected calibration error (lower: confidence closer to accuracy): {la} {robustness[a]['ece']:.3f}, "
             f"{lb} {robustness[b]['ece']:.3f}; {la} − {lb} {_difference(ece, scale=1, unit='', digits=3)} over the "
