@@ -264,7 +264,7 @@ def test_report_reads_robustness_and_calibration_from_its_metrics(project):
     assert ("Under corruption the ViT keeps 75% of its clean accuracy and the CNN 62%: ViT − CNN +12.5 points "
             "[95% CI +5.0, +20.0] (paired bootstrap over the 30 images); the ViT degrades more gracefully.") in report
     assert ("With a central box removed (accuracy averaged over the fractions): ViT − CNN -5.0 points "
-            "[95% CI -9.0, -1.0]; the CNN holds up better.") in report
+            "[95% CI -9.0, -1.0]; the CNN is the more accurate.") in report
     assert "With random patches removed" not in report  # no interval for it in paired.json: no sentence
     assert ("ViT 0.031, CNN 0.082; ViT − CNN -0.051 [too few images for an interval] over the 30 test images; "
             "neither is clearly better calibrated (too few images to tell).") in report

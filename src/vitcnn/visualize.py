@@ -455,7 +455,7 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
 
 def robustness_reading(robustness: dict[str, dict], paired: list[dict]) -> list[str]:
     """What metrics/robustness.json shows, pair by pair: who keeps more of its accuracy under corruption, who
-    holds up better under occlusion and who is better calibrated, said only where the pair's 95% paired
+    is more accurate under occlusion and who is better calibrated, said only where the pair's 95% paired
     interval excludes zero."""
     lines = []
     for pair in paired:
@@ -474,8 +474,8 @@ def robustness_reading(robustness: dict[str, dict], paired: list[dict]) -> list[
                 lines.append(
                     f"With {what} removed (accuracy averaged over the fractions): {la} − {lb} "
                     f"{_difference(occluded, scale=100, unit=' points')}"
-                    + _verdict(occluded, f"the {la} holds up better", f"the {lb} holds up better",
-                               "neither holds up clearly better"))
+                    + _verdict(occluded, f"the {la} is the more accurate", f"the {lb} is the more accurate",
+                               "neither is clearly more accurate"))
         lines.append(
             f"Expected calibration error (lower: confidence closer to accuracy): {la} {robustness[a]['ece']:.3f}, "
             f"{lb} {robustness[b]['ece']:.3f}; {la} − {lb} {_difference(ece, scale=1, unit='', digits=3)} over the "
