@@ -16,7 +16,7 @@ from vitcnn import corruptions as C
 from vitcnn.config import RobustnessConfig
 from vitcnn.data import Split
 from vitcnn.errors import DataError
-from vitcnn.robustness import (ModelRobustness, accuracy, calibration, compare, expected_calibration_error,
+from vitcnn.robustness import (ModelRobustness, calibration, compare, correct, expected_calibration_error,
                                load_official, measure, occlusion_masks, pick_subset)
 from vitcnn.visualize import robustness_reading
 
@@ -221,7 +221,7 @@ def test_clean_severity_and_empty_occlusion_give_the_clean_accuracy_exactly():
                               severities=[1, 5], occlusion_fractions=[0.5], batch_size=7)
     results = measure({"toy": (Brightness(), config)}, test, cfg, seed=0, device=CPU, dtype=torch.float32)["toy"]
     subset = pick_subset(labels, 20, 0)
-    clean = accuracy(Brightness(), images[subset], labels[subset], config, CPU, torch.float32, 7)
+    clean = float(correct(Brightness(), images[subset], labels[subset], config, CPU, torch.float32, 7).mean())
     assert results.clean_acc == clean
     assert results.occlusion_acc["patches"][0.0] == clean and results.occlusion_acc["box"][0.0] == clean
     assert set(results.corruption_acc) == {"contrast", "gaussian_noise"}
@@ -259,8 +259,8 @@ def test_the_official_cifar10c_files_are_used_as_they_are(tmp_path):
     cfg = dataclasses.replace(RobustnessConfig(), subset=0, corruptions=["contrast"], severities=[2],
                               occlusion_fractions=[], cifar10c=str(tmp_path / "c"))
     got = measure({"toy": (Brightness(), config)}, test, cfg, 0, CPU, torch.float32)["toy"]
-    expected = accuracy(Brightness(), torch.from_numpy(official[n : 2 * n]), torch.from_numpy(labels), config, CPU,
-                        torch.float32, 500)  # severity 2: the second block of n rows
+    expected = float(correct(Brightness(), torch.from_numpy(official[n : 2 * n]), torch.from_numpy(labels), config,
+                             CPU, torch.float32, 500).mean())  # severity 2: the second block of n rows
     assert got.corruption_acc["contrast"][2] == expected
 
 

@@ -99,13 +99,6 @@ def correct(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, config
     return torch.cat(hits).cpu().numpy()
 
 
-def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, config: dict, device: torch.device,
-             dtype: torch.dtype, batch_size: int, occlude: torch.Tensor | None = None) -> float:
-    """Top-1 accuracy: the share of `correct`."""
-    hits = correct(model, images, labels, config, device, dtype, batch_size, occlude)
-    return int(hits.sum()) / len(hits)
-
-
 def corrupted_images(images: torch.Tensor, name: str, severity: int, seed: int, cfg: RobustnessConfig,
                      official: dict[str, np.ndarray] | None, subset: torch.Tensor) -> torch.Tensor:
     """(N, H, W, C) uint8: the subset's images under `name` at `severity`, generated from a seed of
@@ -247,7 +240,7 @@ def measure(models: dict[str, tuple[nn.Module, dict]], test: Split, cfg: Robustn
     for name, (model, config) in models.items():
         model.to(device, memory_format=torch.channels_last)
         hits = correct(model, images, labels, config, device, dtype, cfg.batch_size)
-        results[name] = ModelRobustness(clean_acc=int(hits.sum()) / len(hits), clean_correct=hits,
+        results[name] = ModelRobustness(clean_acc=float(hits.mean()), clean_correct=hits,
                                         corrupted_share=np.zeros(len(hits)))
     conditions = len(cfg.corruptions) * len(cfg.severities)
     for corruption in cfg.corruptions:
@@ -255,7 +248,7 @@ def measure(models: dict[str, tuple[nn.Module, dict]], test: Split, cfg: Robustn
             corrupted = corrupted_images(images, corruption, severity, seed, cfg, official, subset)
             for name, (model, config) in models.items():
                 hits = correct(model, corrupted, labels, config, device, dtype, cfg.batch_size)
-                results[name].corruption_acc.setdefault(corruption, {})[severity] = int(hits.sum()) / len(hits)
+                results[name].corruption_acc.setdefault(corruption, {})[severity] = float(hits.mean())
                 results[name].corrupted_share += hits / conditions
     fractions = [0.0, *cfg.occlusion_fractions]
     for kind in ("patches", "box"):
@@ -263,7 +256,7 @@ def measure(models: dict[str, tuple[nn.Module, dict]], test: Split, cfg: Robustn
             mask = occlusion_masks(len(labels), images.shape[1], fraction, kind, cfg.occlusion_patch, seed)
             for name, (model, config) in models.items():
                 hits = correct(model, images, labels, config, device, dtype, cfg.batch_size, occlude=mask)
-                results[name].occlusion_acc.setdefault(kind, {})[fraction] = int(hits.sum()) / len(hits)
+                results[name].occlusion_acc.setdefault(kind, {})[fraction] = float(hits.mean())
                 share = results[name].occluded_share.setdefault(kind, np.zeros(len(hits)))
                 share += hits / len(fractions)
     for name, (model, config) in models.items():
