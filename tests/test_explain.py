@@ -188,14 +188,17 @@ METRICS = {
 
 ROBUSTNESS = {  # as metrics/robustness.json writes them
     "vit": {"subset_clean_acc": 0.6, "corruption_acc": 0.45, "relative_robustness": 0.75, "occlusion_patches_acc": 0.4,
-            "occlusion_box_acc": 0.5, "ece": 0.031, "nll": 1.1, "brier": 0.5},
+            "occlusion_box_acc": 0.5, "ece": 0.031, "nll": 1.1, "brier": 0.5, "temperature": 1.234, "ece_ts": 0.012,
+            "nll_ts": 1.0, "brier_ts": 0.49},
     "cnn": {"subset_clean_acc": 0.8, "corruption_acc": 0.5, "relative_robustness": 0.625, "occlusion_patches_acc": 0.3,
-            "occlusion_box_acc": 0.45, "ece": 0.082, "nll": 0.9, "brier": 0.4},
+            "occlusion_box_acc": 0.45, "ece": 0.082, "nll": 0.9, "brier": 0.4, "temperature": 0.8, "ece_ts": 0.02,
+            "nll_ts": 0.85, "brier_ts": 0.39},
 }
 PAIRED = [{"a": "vit", "b": "cnn",  # as plots/robustness/paired.json writes them
            "relative_robustness": {"diff": 0.125, "ci95": [0.05, 0.2], "images": 30},
            "occlusion_box_acc": {"diff": -0.05, "ci95": [-0.09, -0.01], "images": 30},
-           "ece": {"diff": -0.051, "ci95": None, "images": 30}}]
+           "ece": {"diff": -0.051, "ci95": None, "images": 30},
+           "ece_ts": {"diff": -0.008, "ci95": [-0.012, -0.004], "images": 30}}]
 RECIPES = {"vit": {"optimizer": "adamw", "lr": 0.001, "epochs": 2}, "cnn": {"optimizer": "sgd", "lr": 0.1, "epochs": 2}}
 
 
@@ -235,8 +238,9 @@ def project(tmp_path_factory) -> Path:
                   [[c, s, 0.5 - 0.05 * s] for c in ("gaussian_noise", "contrast") for s in (1, 3, 5)])
         write_csv(root / "plots/robustness/occlusion" / f"{name}.csv", ["fraction", "patches", "box"],
                   [[f, 0.6 - f / 2, 0.6 - f / 3] for f in (0.0, 0.5)])
-        write_csv(root / "plots/robustness/reliability" / f"{name}.csv",
-                  ["confidence", "accuracy", "count", "lower", "upper"], [[0.3, 0.25, 10, 0.2, 0.4], [0.7, 0.8, 20, 0.6, 0.8]])
+        for kind in ("reliability", "reliability_ts"):
+            write_csv(root / "plots/robustness" / kind / f"{name}.csv", ["confidence", "accuracy", "count", "lower",
+                      "upper"], [[0.3, 0.25, 10, 0.2, 0.4], [0.7, 0.8, 20, 0.6, 0.8]])
     (root / "params.yaml").write_text("visualize:\n  num_images: 3\n  mistakes: 2\n  dpi: 40\n")
 
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
@@ -268,6 +272,10 @@ def test_report_reads_robustness_and_calibration_from_its_metrics(project):
     assert "With random patches removed" not in report  # no interval for it in paired.json: no sentence
     assert ("ViT 0.031, CNN 0.082; ViT − CNN -0.051 [too few images for an interval] over the 30 test images; "
             "neither is clearly better calibrated (too few images to tell).") in report
+    assert ("After temperature scaling (fitted on the validation split: T = 1.23 for the ViT, 0.80 for the CNN; the "
+            "predictions are unchanged), ECE ViT 0.012, CNN 0.020; ViT − CNN -0.008 [95% CI -0.012, -0.004]; the "
+            "ViT's scores are the better calibrated once rescaled.") in report
+    assert "| temperature fitted on the validation split (`temperature`) | 1.234 | 0.8 |" in report
 
 
 def test_report_lists_what_differs_and_links_every_figure(project):

@@ -114,7 +114,9 @@ def test_repro_measures_robustness_and_calibration(project):
     evaluate = read_json(repo / "metrics" / "evaluate.json")
     for name in MODELS:
         m = metrics[name]
-        assert {"corruption_acc", "relative_robustness", "occlusion_patches_acc", "ece", "nll", "brier"} <= set(m)
+        assert {"corruption_acc", "relative_robustness", "occlusion_patches_acc", "ece", "nll", "brier", "temperature",
+                "ece_ts", "nll_ts", "brier_ts"} <= set(m)
+        assert 0.05 <= m["temperature"] <= 20  # the search's bounds
         # The subset is the whole (tiny) test split here: its clean accuracy is evaluate's.
         assert m["subset_clean_acc"] == pytest.approx(evaluate[name]["test_acc"], abs=1e-6)
         severity = read_csv(repo / "plots" / "robustness" / "severity" / f"{name}.csv")
@@ -122,15 +124,16 @@ def test_repro_measures_robustness_and_calibration(project):
         occlusion = read_csv(repo / "plots" / "robustness" / "occlusion" / f"{name}.csv")
         assert [float(row["fraction"]) for row in occlusion] == [0.0, 0.5]
         assert float(occlusion[0]["patches"]) == pytest.approx(m["subset_clean_acc"])
-        bins = read_csv(repo / "plots" / "robustness" / "reliability" / f"{name}.csv")
-        assert sum(int(b["count"]) for b in bins) == TEST_IMAGES
+        for kind in ("reliability", "reliability_ts"):
+            bins = read_csv(repo / "plots" / "robustness" / kind / f"{name}.csv")
+            assert sum(int(b["count"]) for b in bins) == TEST_IMAGES
     paired = read_json(repo / "plots" / "robustness" / "paired.json")
     assert [(p["a"], p["b"]) for p in paired] == [tuple(MODELS)]  # one pair of the two registered models
-    for key in ("relative_robustness", "occlusion_patches_acc", "occlusion_box_acc", "ece"):
+    for key in ("relative_robustness", "occlusion_patches_acc", "occlusion_box_acc", "ece", "ece_ts"):
         # tiny data: an interval, or None where a resample has no ratio
         interval = paired[0][key]["ci95"]
         assert interval is None or interval[0] <= interval[1]
-    for key in ("ece", "occlusion_box_acc"):
+    for key in ("ece", "ece_ts", "occlusion_box_acc"):
         assert paired[0][key]["diff"] == pytest.approx(metrics[MODELS[0]][key] - metrics[MODELS[1]][key], abs=2e-6)
     shown = json.loads(dvc("metrics", "show", "--json", cwd=repo, env=project["env"]).stdout)
     assert set(MODELS) <= set(_find_metrics(shown, "metrics/robustness.json"))

@@ -14,10 +14,11 @@ from matplotlib.colors import rgb_to_hsv as mpl_rgb_to_hsv
 
 from vitcnn import corruptions as C
 from vitcnn.config import RobustnessConfig
-from vitcnn.data import Split
+from vitcnn.data import BatchLoader, Split
 from vitcnn.errors import DataError
 from vitcnn.robustness import (ModelRobustness, calibration, compare, correct, expected_calibration_error,
-                               load_official, measure, occlusion_masks, pick_subset)
+                               fit_temperature, load_official, measure, occlusion_masks, pick_subset)
+from vitcnn.runtime import predict
 from vitcnn.visualize import robustness_reading
 
 CPU = torch.device("cpu")
@@ -204,6 +205,27 @@ def test_paired_intervals_tell_a_real_difference_from_none():
     assert "the a degrades more gracefully" in clear[0] and "the a is the better calibrated" in clear[1]
 
 
+def _labels_drawn_from(logits: torch.Tensor, seed: int) -> torch.Tensor:
+    """Labels sampled from softmax(logits): a predictor that is calibrated by construction."""
+    return torch.multinomial(logits.softmax(1), 1, generator=torch.Generator().manual_seed(seed)).squeeze(1)
+
+
+@pytest.mark.parametrize("true_temperature", [0.5, 1.0, 3.0])
+def test_temperature_scaling_finds_the_temperature_a_calibrated_predictor_was_scaled_by(true_temperature):
+    logits = torch.randn(20000, 10, generator=torch.Generator().manual_seed(1)) * 2.5
+    labels = _labels_drawn_from(logits, seed=2)
+    found = fit_temperature(logits * true_temperature, labels)  # over- (T > 1) or underconfident (T < 1)
+    assert found == pytest.approx(true_temperature, rel=0.05)
+    nll = lambda t: torch.nn.functional.cross_entropy(logits.double() * true_temperature / t, labels).item()
+    assert nll(found) <= min(nll(found * 0.98), nll(found * 1.02))  # a minimum, not just near the truth
+    scaled = calibration(logits * true_temperature / found, labels, 15)
+    raw = calibration(logits * true_temperature, labels, 15)
+    assert scaled.ece < 0.02
+    if true_temperature != 1.0:
+        assert raw.ece > 3 * scaled.ece  # what it was for
+    assert np.array_equal(scaled.correct, raw.correct)
+
+
 class Brightness(torch.nn.Module):
     """A stand-in model: class 1 when the image's mean (normalised) value is positive, else class 0."""
 
@@ -219,7 +241,9 @@ def test_clean_severity_and_empty_occlusion_give_the_clean_accuracy_exactly():
     config = {"mean": [0.47] * 3, "std": [0.25] * 3}
     cfg = dataclasses.replace(RobustnessConfig(), subset=20, corruptions=["contrast", "gaussian_noise"],
                               severities=[1, 5], occlusion_fractions=[0.5], batch_size=7)
-    results = measure({"toy": (Brightness(), config)}, test, cfg, seed=0, device=CPU, dtype=torch.float32)["toy"]
+    val_images = scenes(30, seed=5).permute(0, 2, 3, 1).contiguous()
+    val = Split(val_images, (val_images.float().mean((1, 2, 3)) > 100).long())  # another threshold: other errors
+    results = measure({"toy": (Brightness(), config)}, test, val, cfg, seed=0, device=CPU, dtype=torch.float32)["toy"]
     subset = pick_subset(labels, 20, 0)
     clean = float(correct(Brightness(), images[subset], labels[subset], config, CPU, torch.float32, 7).mean())
     assert results.clean_acc == clean
@@ -228,7 +252,15 @@ def test_clean_severity_and_empty_occlusion_give_the_clean_accuracy_exactly():
     summary = results.summary()
     assert summary["corruption_acc"] == pytest.approx(np.mean([a for s in results.corruption_acc.values()
                                                                for a in s.values()]), abs=1e-6)
-    assert {"ece", "nll", "brier", "relative_robustness", "occlusion_box_acc"} <= set(summary)
+    assert {"ece", "nll", "brier", "relative_robustness", "occlusion_box_acc", "temperature", "ece_ts"} <= set(summary)
+    # Temperature scaling changes confidence only: every prediction stays as it was.
+    assert np.array_equal(results.calibrated.correct, results.calibration.correct)
+    # The temperature is the validation split's, never the test split's.
+    def logits(split):
+        return predict(Brightness(), BatchLoader(split, 7, CPU, config["mean"], config["std"]), torch.float32)
+
+    assert results.temperature == pytest.approx(fit_temperature(logits(val), val.labels))
+    assert results.temperature != pytest.approx(fit_temperature(logits(test), labels), rel=0.01)
     # The per-image shares behind the paired intervals average to the same accuracies.
     assert results.corrupted_share.mean() == pytest.approx(summary["corruption_acc"], abs=1e-6)
     assert results.occluded_share["box"].mean() == pytest.approx(summary["occlusion_box_acc"], abs=1e-6)
@@ -238,7 +270,7 @@ def test_a_subset_larger_than_the_test_split_is_one_line():
     test = Split(scenes(10).permute(0, 2, 3, 1).contiguous(), torch.zeros(10, dtype=torch.long))
     cfg = dataclasses.replace(RobustnessConfig(), subset=11)
     with pytest.raises(DataError, match=r"robustness.subset: 11 is not allowed; the test split has 10 images"):
-        measure({}, test, cfg, 0, CPU, torch.float32)
+        measure({}, test, test, cfg, 0, CPU, torch.float32)
 
 
 def _write_official(folder, n: int, labels: np.ndarray, images: np.ndarray, corruptions: list[str]) -> None:
@@ -258,7 +290,7 @@ def test_the_official_cifar10c_files_are_used_as_they_are(tmp_path):
     config = {"mean": [0.47] * 3, "std": [0.25] * 3}
     cfg = dataclasses.replace(RobustnessConfig(), subset=0, corruptions=["contrast"], severities=[2],
                               occlusion_fractions=[], cifar10c=str(tmp_path / "c"))
-    got = measure({"toy": (Brightness(), config)}, test, cfg, 0, CPU, torch.float32)["toy"]
+    got = measure({"toy": (Brightness(), config)}, test, test, cfg, 0, CPU, torch.float32)["toy"]
     expected = float(correct(Brightness(), torch.from_numpy(official[n : 2 * n]), torch.from_numpy(labels), config,
                              CPU, torch.float32, 500).mean())  # severity 2: the second block of n rows
     assert got.corruption_acc["contrast"][2] == expected

@@ -314,11 +314,13 @@ def test_a_three_seed_study_runs_on_dvcs_queue_and_summarizes_exactly(tmp_path):
 def test_a_summary_carries_robustness_and_calibration_with_their_intervals(tmp_path):
     runs = [experiment(f"r-{s}", s, 0.5, 0.7) for s in range(3)]
     for s, experiment_run in enumerate(runs):
-        experiment_run.metrics["vit"] |= {"corruption_acc": 0.40 + s / 100, "ece": 0.03 + s / 1000}
-        experiment_run.metrics["cnn"] |= {"corruption_acc": 0.50, "ece": 0.08}
+        experiment_run.metrics["vit"] |= {"corruption_acc": 0.40 + s / 100, "ece": 0.03 + s / 1000,
+                                          "ece_ts": 0.012 + s / 1000}
+        experiment_run.metrics["cnn"] |= {"corruption_acc": 0.50, "ece": 0.08, "ece_ts": 0.02}
     summary = summarize(runs, [], MODELS)
     ece = summary.groups[0].metrics["vit"]["ece"]
     assert ece.mean == pytest.approx(0.031) and ece.ci95 is not None
     md = report.markdown(summary, "t", [])
     assert "## Robustness and calibration" in md and "41.00% ± 1.00" in md and "0.031 ± 0.001" in md
+    assert "ViT ECE, temperature-scaled" in md and "0.013 ± 0.001" in md
     assert "corruption_acc_mean" in report.to_csv(summary).splitlines()[0]

@@ -48,7 +48,7 @@ class Results:
     paired: list[dict]  # plots/robustness/paired.json: differences between models with their intervals
     corruptions: dict[str, list[dict]]  # rows of plots/robustness/corruptions/<model>.csv
     occlusion: dict[str, list[dict]]
-    reliability: dict[str, list[dict]]
+    reliability: dict[str, dict[str, list[dict]]]  # {model: {"reliability" | "reliability_ts": bins}}
 
     @property
     def actual(self) -> np.ndarray:
@@ -74,7 +74,8 @@ def read_results(classes: list[str], test: Split, plots: Path, metrics_dir: Path
         paired=read_json(plots / "robustness" / "paired.json"),
         corruptions={n: _rows(plots / "robustness" / "corruptions" / f"{n}.csv") for n in MODELS},
         occlusion={n: _rows(plots / "robustness" / "occlusion" / f"{n}.csv") for n in MODELS},
-        reliability={n: _rows(plots / "robustness" / "reliability" / f"{n}.csv") for n in MODELS},
+        reliability={n: {kind: _rows(plots / "robustness" / kind / f"{n}.csv")
+                         for kind in ("reliability", "reliability_ts")} for n in MODELS},
     )
 
 
@@ -115,8 +116,7 @@ class Figures:
         viz.robustness_curves(r.corruptions, {n: r.robustness[n]["subset_clean_acc"] for n in MODELS},
                               out / "robustness.png", cfg.dpi)
         viz.occlusion_curves(r.occlusion, out / "occlusion.png", cfg.dpi)
-        viz.reliability_diagrams(r.reliability, {n: r.robustness[n]["ece"] for n in MODELS}, out / "reliability.png",
-                                 cfg.dpi)
+        viz.reliability_diagrams(r.reliability, r.robustness, out / "reliability.png", cfg.dpi)
 
         sample_looks = self.where_models_look(self.sample, "fixed, seeded test images", out / "compare_sample.png")
         for name, picked in self.mistakes.items():

@@ -9,7 +9,11 @@
   mean colour (0 after normalisation), the same pixels for every model.
 - Calibration, on the whole clean test split: expected calibration error over equal-width
   confidence bins (Guo et al. 2017), negative log-likelihood and the Brier score, and the
-  reliability diagram's bins.
+  reliability diagram's bins; then the same after temperature scaling (Guo et al. 2017): one
+  temperature per model, fitted on the validation split, divides the logits. It leaves every
+  prediction as it is and takes away what a training choice such as label smoothing does to
+  confidence alone, so that models can be compared on what their scores rank, not how they are
+  scaled (Minderer et al. 2021 compare both).
 - Comparisons between models: the difference of relative robustness and of ECE, with a 95%
   paired bootstrap interval over the images (every model saw the same ones), so that a
   report says "more robust" only where the difference is more than the images' noise.
@@ -26,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
-from scipy import stats
+from scipy import optimize, stats
 
 from vitcnn.config import RobustnessConfig
 from vitcnn.corruptions import CORRUPTIONS, corrupt
@@ -51,6 +55,8 @@ class ModelRobustness:
     corruption_acc: dict[str, dict[int, float]] = field(default_factory=dict)  # {corruption: {severity: acc}}
     occlusion_acc: dict[str, dict[float, float]] = field(default_factory=dict)  # {"patches"|"box": {fraction: acc}}
     calibration: Calibration | None = None
+    temperature: float | None = None  # fitted on the validation split; > 1: the model was overconfident
+    calibrated: Calibration | None = None  # `calibration` of the logits divided by `temperature`
     clean_correct: np.ndarray | None = None  # (n,) bool per subset image
     corrupted_share: np.ndarray | None = None  # (n,) per subset image: share of (corruption, severity) it is right on
     occluded_share: dict[str, np.ndarray] = field(default_factory=dict)  # {kind: (n,) share of fractions right on}
@@ -71,6 +77,9 @@ class ModelRobustness:
         if self.calibration:
             out |= {"ece": round(self.calibration.ece, 6), "nll": round(self.calibration.nll, 6),
                     "brier": round(self.calibration.brier, 6)}
+        if self.calibrated:
+            out |= {"temperature": round(self.temperature, 6), "ece_ts": round(self.calibrated.ece, 6),
+                    "nll_ts": round(self.calibrated.nll, 6), "brier_ts": round(self.calibrated.brier, 6)}
         return out
 
 
@@ -155,6 +164,20 @@ def calibration(logits: torch.Tensor, labels: torch.Tensor, bins: int) -> Calibr
     return Calibration(ece, nll, brier, rows, confidence.cpu().numpy(), correct.cpu().numpy().astype(bool))
 
 
+def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """The temperature T that minimises the negative log-likelihood of softmax(logits / T) (Guo et al.
+    2017's temperature scaling), searched in [0.05, 20]. The NLL is convex in 1 / T, so a bounded scalar
+    search (scipy's) finds the one minimum; float64 keeps the search's small steps visible."""
+    logits, labels = logits.detach().double().cpu(), labels.cpu()
+
+    def nll(log_t: float) -> float:
+        return torch.nn.functional.cross_entropy(logits / math.exp(log_t), labels).item()
+
+    found = optimize.minimize_scalar(nll, bounds=(math.log(0.05), math.log(20.0)), method="bounded",
+                                     options={"xatol": 1e-5})
+    return math.exp(found.x)
+
+
 def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray, bins: int, axis: int = -1) -> np.ndarray:
     """ECE along `axis` (any leading axes are separate samples): the sum over equal-width confidence bins
     of |sum of (confidence - correct) in the bin| / N, which is `calibration`'s count-weighted gap."""
@@ -166,21 +189,26 @@ def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray, bins
 
 def compare(results: dict[str, ModelRobustness], bins: int, seed: int, resamples: int = 2000) -> list[dict]:
     """For each pair of models (a, b): a's relative robustness, mean accuracy under each occlusion and ECE
-    minus b's, each with a 95% paired bootstrap interval (percentile; scipy) over the images both saw: the
-    subset for robustness and occlusion, the test split for ECE. An interval that contains 0 means the
-    images cannot tell the two apart; an interval of None, that there are too few images for one."""
+    (before and after temperature scaling) minus b's, each with a 95% paired bootstrap interval
+    (percentile; scipy) over the images both saw: the subset for robustness and occlusion, the test split
+    for ECE. An interval that contains 0 means the images cannot tell the two apart; an interval of None,
+    that there are too few images for one."""
     def relative(clean, share, axis=-1):
         return share.mean(axis) / clean.mean(axis)
+
+    def ece_of(a: Calibration, b: Calibration) -> tuple:  # (the data, the statistic) of a's ECE - b's
+        return ((a.confidence, a.correct, b.confidence, b.correct),
+                lambda fa, ka, fb, kb, axis=-1: (expected_calibration_error(fa, ka, bins, axis)
+                                                 - expected_calibration_error(fb, kb, bins, axis)))
 
     pairs = []
     for a, b in itertools.combinations(results, 2):
         ra, rb = results[a], results[b]
         robust = ((ra.clean_correct, ra.corrupted_share, rb.clean_correct, rb.corrupted_share),
                   lambda ca, sa, cb, sb, axis=-1: relative(ca, sa, axis) - relative(cb, sb, axis))
-        ece = ((ra.calibration.confidence, ra.calibration.correct, rb.calibration.confidence, rb.calibration.correct),
-               lambda fa, ka, fb, kb, axis=-1: (expected_calibration_error(fa, ka, bins, axis)
-                                                - expected_calibration_error(fb, kb, bins, axis)))
-        differences = {"relative_robustness": robust, "ece": ece}
+        differences = {"relative_robustness": robust, "ece": ece_of(ra.calibration, rb.calibration)}
+        if ra.calibrated and rb.calibrated:
+            differences["ece_ts"] = ece_of(ra.calibrated, rb.calibrated)
         for kind in ra.occluded_share:  # mean accuracy over the occluded fractions, as occlusion_<kind>_acc
             differences[f"occlusion_{kind}_acc"] = ((ra.occluded_share[kind], rb.occluded_share[kind]),
                                                     lambda sa, sb, axis=-1: sa.mean(axis) - sb.mean(axis))
@@ -227,9 +255,10 @@ def load_official(folder: Path, corruptions: list[str], test_labels: torch.Tenso
     return arrays
 
 
-def measure(models: dict[str, tuple[nn.Module, dict]], test: Split, cfg: RobustnessConfig, seed: int,
+def measure(models: dict[str, tuple[nn.Module, dict]], test: Split, val: Split, cfg: RobustnessConfig, seed: int,
             device: torch.device, dtype: torch.dtype) -> dict[str, ModelRobustness]:
-    """Every measurement of this module for every model, each on the same images."""
+    """Every measurement of this module for every model, each on the same images; `val` (the validation
+    split) only fits each model's temperature."""
     if cfg.subset > len(test):
         raise DataError(f"robustness.subset: {cfg.subset} is not allowed; the test split has {len(test)} images "
                         "(use at most that, or 0 for all)")
@@ -260,6 +289,14 @@ def measure(models: dict[str, tuple[nn.Module, dict]], test: Split, cfg: Robustn
                 share = results[name].occluded_share.setdefault(kind, np.zeros(len(hits)))
                 share += hits / len(fractions)
     for name, (model, config) in models.items():
-        loader = BatchLoader(test, cfg.batch_size, device, config["mean"], config["std"])
-        results[name].calibration = calibration(predict(model, loader, dtype), loader.labels, cfg.calibration_bins)
+        def logits_of(split: Split) -> tuple[torch.Tensor, torch.Tensor]:
+            loader = BatchLoader(split, cfg.batch_size, device, config["mean"], config["std"])
+            return predict(model, loader, dtype), loader.labels
+
+        logits, labels_on_device = logits_of(test)
+        temperature = fit_temperature(*logits_of(val))
+        r = results[name]
+        r.calibration = calibration(logits, labels_on_device, cfg.calibration_bins)
+        r.temperature = temperature
+        r.calibrated = calibration(logits / temperature, labels_on_device, cfg.calibration_bins)
     return results

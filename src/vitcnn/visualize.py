@@ -58,6 +58,10 @@ METRIC_LABELS = {
     "ece": "expected calibration error",
     "nll": "negative log-likelihood",
     "brier": "Brier score",
+    "temperature": "temperature fitted on the validation split",
+    "ece_ts": "ECE after temperature scaling",
+    "nll_ts": "NLL after temperature scaling",
+    "brier_ts": "Brier score after temperature scaling",
 }
 
 
@@ -381,24 +385,31 @@ def occlusion_curves(occlusion: dict[str, list[dict]], path: Path, dpi: int) -> 
     save_figure(fig, path, dpi)
 
 
-def reliability_diagrams(bins: dict[str, list[dict]], ece: dict[str, float], path: Path, dpi: int) -> None:
-    """Accuracy per confidence bin against the diagonal of perfect calibration, one panel per model.
+def reliability_diagrams(bins: dict[str, dict[str, list[dict]]], robustness: dict[str, dict], path: Path,
+                         dpi: int) -> None:
+    """Accuracy per confidence bin against the diagonal of perfect calibration, one column per model: the
+    model as trained on top, after temperature scaling below.
 
-    bins: model -> rows of plots/robustness/reliability/<model>.csv (lower, upper, confidence, accuracy, count).
+    bins: model -> {"reliability" | "reliability_ts": rows of plots/robustness/<that>/<model>.csv (lower,
+    upper, confidence, accuracy, count)}; robustness: metrics/robustness.json (ece, ece_ts, temperature).
     """
-    fig, axes = plt.subplots(1, len(bins), figsize=(3.8 * len(bins), 3.8), squeeze=False, layout="constrained")
-    for ax, (name, rows) in zip(axes[0], bins.items()):
-        lower = [float(r["lower"]) for r in rows]
-        width = [float(r["upper"]) - float(r["lower"]) for r in rows]
-        ax.bar(lower, [float(r["accuracy"]) for r in rows], width=width, align="edge", color=color(name),
-               edgecolor="white", label="accuracy")
-        ax.plot([float(r["confidence"]) for r in rows], [float(r["confidence"]) for r in rows], "k.", ms=4,
-                label="mean confidence")
-        ax.plot([0, 1], [0, 1], "k--", lw=0.8)
-        ax.set(title=f"{label(name)} (ECE {ece[name]:.3f})", xlabel="confidence", ylabel="accuracy", xlim=(0, 1),
-               ylim=(0, 1))
-        ax.legend(fontsize=7, loc="upper left")
-    fig.suptitle("Reliability on the clean test split")
+    fig, axes = plt.subplots(2, len(bins), figsize=(3.8 * len(bins), 7.4), squeeze=False, layout="constrained")
+    for column, (name, by_kind) in enumerate(bins.items()):
+        m = robustness[name]
+        titles = {"reliability": f"{label(name)} as trained (ECE {m['ece']:.3f})",
+                  "reliability_ts": f"{label(name)}, T = {m['temperature']:.2f} (ECE {m['ece_ts']:.3f})"}
+        for row, (kind, title) in enumerate(titles.items()):
+            ax, rows = axes[row][column], by_kind[kind]
+            lower = [float(r["lower"]) for r in rows]
+            width = [float(r["upper"]) - float(r["lower"]) for r in rows]
+            ax.bar(lower, [float(r["accuracy"]) for r in rows], width=width, align="edge", color=color(name),
+                   edgecolor="white", label="accuracy")
+            ax.plot([float(r["confidence"]) for r in rows], [float(r["confidence"]) for r in rows], "k.", ms=4,
+                    label="mean confidence")
+            ax.plot([0, 1], [0, 1], "k--", lw=0.8)
+            ax.set(title=title, xlabel="confidence", ylabel="accuracy", xlim=(0, 1), ylim=(0, 1))
+            ax.legend(fontsize=7, loc="upper left")
+    fig.suptitle("Reliability on the clean test split: as trained, and after temperature scaling")
     save_figure(fig, path, dpi)
 
 
@@ -437,7 +448,9 @@ def figure_captions(specs: Sequence[ModelSpec]) -> dict[str, tuple[str, str]]:
         "Test accuracy as a growing fraction of each image is removed: random patches, or one central box."))
     captions["reliability"] = ("Calibration", (
         "Accuracy per confidence bin against the diagonal of perfect calibration, and the expected "
-        "calibration error (equal-width bins)."))
+        "calibration error (equal-width bins): as trained (top), and after dividing the logits by the "
+        "temperature T fitted on the validation split (bottom; T > 1 softens an overconfident model, T < 1 "
+        "sharpens an underconfident one; the predictions are the same)."))
     captions["learning_curves"] = ("Learning curves", "Loss and accuracy per epoch, train and validation.")
     captions["confusion"] = ("Confusion matrices", "Rows: true class; each row sums to 1.")
     return captions
@@ -482,6 +495,16 @@ def robustness_reading(robustness: dict[str, dict], paired: list[dict]) -> list[
             f"{ece['images']} test images"
             + _verdict(ece, f"the {lb} is the better calibrated", f"the {la} is the better calibrated",
                        "neither is clearly better calibrated"))
+        scaled = pair.get("ece_ts")
+        if scaled:
+            lines.append(
+                f"After temperature scaling (fitted on the validation split: T = {robustness[a]['temperature']:.2f} "
+                f"for the {la}, {robustness[b]['temperature']:.2f} for the {lb}; the predictions are unchanged), "
+                f"ECE {la} {robustness[a]['ece_ts']:.3f}, {lb} {robustness[b]['ece_ts']:.3f}; {la} − {lb} "
+                f"{_difference(scaled, scale=1, unit='', digits=3)}"
+                + _verdict(scaled, f"the {lb}'s scores are the better calibrated once rescaled",
+                           f"the {la}'s scores are the better calibrated once rescaled",
+                           "neither is clearly better calibrated once rescaled"))
     return lines
 
 

@@ -22,7 +22,7 @@ ROBUSTNESS_METRICS = "metrics/robustness.json"  # {model: {corruption_acc, ece, 
 TRAIN_METRICS = "metrics/train_{model}.json"  # {train_images_per_s, ...}
 # The metrics a study summarizes, per model, and the file each comes from.
 SUMMARIZED = {"test_acc": EVALUATE_METRICS, "train_time_s": EVALUATE_METRICS, "train_images_per_s": TRAIN_METRICS,
-              "corruption_acc": ROBUSTNESS_METRICS, "ece": ROBUSTNESS_METRICS}
+              "corruption_acc": ROBUSTNESS_METRICS, "ece": ROBUSTNESS_METRICS, "ece_ts": ROBUSTNESS_METRICS}
 STAGE_ERROR = re.compile(r"^\S+: error: ")
 
 

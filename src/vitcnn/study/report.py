@@ -125,15 +125,20 @@ def cost_table(summary: Summary) -> str:
 
 
 def robustness_table(summary: Summary) -> str | None:
-    """Accuracy under corruption and ECE per group and model, where the runs measured them."""
+    """Accuracy under corruption and ECE (as trained, and after temperature scaling where the runs measured it)
+    per group and model, where the runs measured them."""
     models = _models(summary)
     measured = [m for m in models if any("corruption_acc" in g.metrics.get(m, {}) for g in summary.groups)]
     if not measured:
         return None
-    head = ["group", *(f"{label(m)} {what}" for m in measured for what in ("acc. under corruption", "ECE"))]
-    rows = [[group_label(g, summary), *(cell for m in measured for cell in (
-        percent(g.metrics.get(m, {}).get("corruption_acc")), fraction(g.metrics.get(m, {}).get("ece"))))]
-        for g in summary.groups]
+    columns = {"corruption_acc": ("acc. under corruption", percent), "ece": ("ECE", fraction),
+               "ece_ts": ("ECE, temperature-scaled", fraction)}
+    if not any("ece_ts" in g.metrics.get(m, {}) for g in summary.groups for m in measured):
+        del columns["ece_ts"]  # runs from before temperature scaling was measured
+    head = ["group", *(f"{label(m)} {what}" for m in measured for what, _ in columns.values())]
+    rows = [[group_label(g, summary), *(shown(g.metrics.get(m, {}).get(key)) for m in measured
+                                        for key, (_, shown) in columns.items())]
+            for g in summary.groups]
     return _markdown_table(head, rows)
 
 
