@@ -281,6 +281,7 @@ def gpu_busy(engine: Engine, steps: int) -> float | None:
         torch.cuda.synchronize()
     kernels = sorted((e.time_range.start, e.time_range.end) for e in prof.events() if e.device_type == DeviceType.CUDA)
     if not kernels:
+        print("gpu_busy: the profiler recorded no GPU kernels (CUPTI unavailable?); not measured", file=sys.stderr)
         return None
     busy, (start, end) = 0.0, kernels[0]
     for k_start, k_end in kernels[1:]:  # merge overlapping kernels (several streams)

@@ -79,7 +79,7 @@ def test_the_graph_follows_a_per_step_learning_rate_and_trains_the_last_small_ba
     assert torch.isfinite(steps.loss_sum) and steps.first_bad.item() == -1
 
 
-def test_a_failed_capture_says_so_in_one_line_and_runs_the_step_eagerly(caplog):
+def test_a_step_that_reads_a_value_back_is_never_captured_and_runs_eagerly(caplog):
     counter = torch.zeros((), device=GPU)
 
     def step_that_reads_a_value_back():
@@ -95,6 +95,38 @@ def test_a_failed_capture_says_so_in_one_line_and_runs_the_step_eagerly(caplog):
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "\n" not in warnings[0]
     assert warnings[0].startswith("cnn: cannot capture the training step as a CUDA graph (the step reads a value back")
+
+
+def test_a_capture_cuda_rejects_falls_back_and_random_draws_go_on_as_if_never_tried(caplog):
+    # The step is fine eagerly but synchronizes while it is being recorded: CUDA invalidates the
+    # capture itself (not a Python error in the step alone). The generators it drew from must come
+    # out of the capture as they went in, so the eager steps after it draw what they would have.
+    def make(generator, counter, draws):
+        def step():
+            counter.add_(1)
+            draws.append(torch.rand((), device=GPU, generator=generator) + torch.rand((), device=GPU))
+            if torch.cuda.is_current_stream_capturing():
+                torch.cuda.synchronize()  # not allowed while capturing
+        return step
+
+    def run(graphed: bool):
+        torch.cuda.manual_seed(1)  # the default generator, which every capture registers
+        generator, counter, draws = torch.Generator(device=GPU).manual_seed(0), torch.zeros((), device=GPU), []
+        step = make(generator, counter, draws)
+        call = CudaGraphStep(step, [generator], name="vit") if graphed else step
+        for _ in range(CudaGraphStep.WARMUP + 3):
+            call()
+        return call, counter.item(), draws
+
+    with caplog.at_level(logging.WARNING):
+        tried, calls, drawn = run(graphed=True)
+    assert tried.eager and tried.graph is None
+    assert calls == CudaGraphStep.WARMUP + 3  # every call ran once: no step lost or doubled
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "\n" not in warnings[0] and warnings[0].startswith("vit: cannot capture")
+    _, _, expected = run(graphed=False)
+    ran = drawn[:CudaGraphStep.WARMUP] + drawn[CudaGraphStep.WARMUP + 1:]  # the one drawn while recording never ran
+    assert [d.item() for d in ran] == [d.item() for d in expected]
 
 
 def test_fit_on_cuda_replays_a_graph_deterministically_and_reports_setup_apart():

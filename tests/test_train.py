@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import numpy as np
@@ -14,7 +15,8 @@ from vitcnn.data import FIXED_MEAN, FIXED_STD, BatchLoader, Split
 from vitcnn.models import REGISTRY
 from vitcnn.models.store import build_model
 from vitcnn.runtime import maybe_compile, predict
-from vitcnn.train import EMA, TrainingError, TrainSteps, augmentation, fit, lr_at, make_optimizer, mixing, train_step
+from vitcnn.train import (EMA, TrainingError, TrainSteps, augmentation, fit, load_optimizer_state, lr_at, make_optimizer,
+                          mixing, train_step)
 
 CPU = torch.device("cpu")
 TINY = {"vit": {"embed_dim": 8, "depth": 1, "num_heads": 2, "mlp_ratio": 2.0}, "cnn": {"channels": [4, 8]}}
@@ -366,6 +368,31 @@ def test_interrupted_run_resumes_to_the_same_weights(name, select, recipe, tmp_p
     assert resumed.resumed_from == 2
     assert [r["epoch"] for r in resumed.history] == [1, 2, 3, 4]
     _same_run(resumed, uninterrupted)
+
+
+def test_a_checkpoint_from_a_run_that_ran_its_optimizer_otherwise_resumes_as_this_run_runs():
+    # A run begun on a GPU with graphs saved capturable AdamW state; resumed here, the optimizer must run as
+    # this run's does (torch's loader would bring back capturable=True and foreach) and step exactly as
+    # if the state had been saved here.
+    model = tiny("cnn")
+    x, y = torch.rand(8, 3, 32, 32), torch.arange(8) % 10
+    saved_here = make_optimizer(model, config(optimizer="adamw"))
+    train_step(model, saved_here, x, y, torch.float32)
+    state = saved_here.state_dict()
+    elsewhere = {**state, "param_groups": [{**g, "capturable": True, "fused": None, "foreach": True}
+                                           for g in state["param_groups"]]}
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    after = []
+    for loaded in (state, elsewhere):
+        model.load_state_dict(weights)
+        optimizer = make_optimizer(model, config(optimizer="adamw"))
+        load_optimizer_state(optimizer, copy.deepcopy(loaded))  # as read from disk: shares no tensor
+        assert [(g["fused"], g["capturable"], g["foreach"]) for g in optimizer.param_groups] == \
+            [(g["fused"], g["capturable"], g["foreach"]) for g in saved_here.param_groups]
+        train_step(model, optimizer, x, y, torch.float32)
+        after.append({k: v.clone() for k, v in model.state_dict().items()})
+    for key in after[0]:
+        assert torch.equal(after[0][key], after[1][key]), key
 
 
 def test_checkpoint_of_another_run_is_not_resumed(tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import gc
 import logging
 import os
 import random
@@ -211,6 +212,7 @@ class CudaGraphStep:
         """One real step on a side stream; with `check_syncs`, note whether it synchronized with the host."""
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
+        user_mode = torch.cuda.get_sync_debug_mode()
         with torch.cuda.stream(side), warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             if check_syncs:
@@ -218,7 +220,7 @@ class CudaGraphStep:
             try:
                 self.step()
             finally:
-                torch.cuda.set_sync_debug_mode("default")
+                torch.cuda.set_sync_debug_mode(user_mode)
         torch.cuda.current_stream().wait_stream(side)
         syncs = [w for w in caught if self._SYNC_WARNING in str(w.message)]
         for w in caught:
@@ -232,6 +234,16 @@ class CudaGraphStep:
         start = time.perf_counter()
         graph = torch.cuda.CUDAGraph()
         entry_stream = torch.cuda.current_stream()
+        # Every generator the capture draws from (it always registers the default one), as it stands
+        # before: a capture that CUDA rejects can leave a generator marked as capturing (torch 2.11
+        # clears the mark only when capture ends well), and its next eager draw would then fail.
+        generators = [*self.generators, torch.cuda.default_generators[torch.cuda.current_device()]]
+        before = [g.clone_state() for g in generators]
+        # No old graph may be freed by Python's cycle collector while this one records (a graph and
+        # the step it calls refer to each other): collect now, and not during the capture.
+        collecting = gc.isenabled()
+        gc.collect()
+        gc.disable()
         try:
             for generator in self.generators:
                 graph.register_generator_state(generator)
@@ -241,11 +253,21 @@ class CudaGraphStep:
             raise  # the batch does not fit: the caller's message says what to try
         except Exception as exc:  # any failure to record means "train eagerly"
             torch.cuda.set_stream(entry_stream)  # a failed capture_end leaves the capture stream current
-            self._give_up(first_line(exc))
-            self.step()
+            # capture_end's own error ("a previous error during capture") hides the step's, its context.
+            self._give_up(first_line(exc.__context__ or exc))
+            try:
+                for generator, state in zip(generators, before):
+                    generator.graphsafe_set_state(state)  # draws go on as if no capture had been tried
+                self.step()
+            except Exception as again:
+                raise UserError(f"{self.name}: training without CUDA graphs after a failed capture failed too "
+                                f"({first_line(again)}); set train.cuda_graphs: off") from None
         else:
             self.graph = graph
             graph.replay()  # the step just recorded
+        finally:
+            if collecting:
+                gc.enable()
         self.capture_s = time.perf_counter() - start
 
     def _give_up(self, why: str) -> None:

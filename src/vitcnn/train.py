@@ -167,7 +167,7 @@ def fit(
     saved = load_checkpoint(checkpoint, fingerprint) if checkpoint else None
     if saved:
         model.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
+        load_optimizer_state(optimizer, saved["optimizer"])
         if ema:
             ema.model.load_state_dict(saved["ema"])
         restore_rng_states(saved["rng"], generator)
@@ -253,6 +253,25 @@ def make_optimizer(model: nn.Module, cfg: Recipe = ORIGINAL_RECIPE, capturable: 
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=True, fused=fused)
     return torch.optim.AdamW(groups, lr=cfg.lr, fused=fused, capturable=capturable)
+
+
+IMPLEMENTATION_FLAGS = ("fused", "foreach", "capturable", "differentiable")  # how an optimizer runs, not what it does
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """`optimizer.load_state_dict(state)`, keeping how this run's optimizer runs: a checkpoint may
+    come from another machine (begun on a CPU, resumed on a GPU with graphs), and torch's loader
+    would bring back the saved run's `fused`/`capturable` flags (a CUDA graph then refuses the
+    optimizer) and leave each step count where the saved run kept it."""
+    kept = [{k: g[k] for k in IMPLEMENTATION_FLAGS if k in g} for g in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for group, flags in zip(optimizer.param_groups, kept):
+        group.update(flags)
+        on_device = group.get("fused") or group.get("capturable")  # torch's rule for where `step` lives
+        for p in group["params"]:
+            step = optimizer.state.get(p, {}).get("step")
+            if torch.is_tensor(step):
+                optimizer.state[p]["step"] = step.to(p.device if on_device else "cpu", torch.float32)
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor | Mixed,
