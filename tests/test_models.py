@@ -187,12 +187,12 @@ def test_saved_model_reproduces_the_same_logits(name, variant, tmp_path):
 @pytest.fixture(params=["fused", "pytorch-ops"])
 def dropout_path(request, monkeypatch):
     """Each statistical test runs through the fused kernel and through its PyTorch-ops fallback."""
-    from vitcnn.models import native
+    from vitcnn import kernels
 
     monkeypatch.setenv("VITCNN_NATIVE_KERNELS", "1" if request.param == "fused" else "0")
-    native.cpu_kernels.cache_clear()
+    kernels.cpu_kernels.cache_clear()
     yield request.param
-    native.cpu_kernels.cache_clear()
+    kernels.cpu_kernels.cache_clear()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

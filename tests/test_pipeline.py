@@ -34,7 +34,7 @@ def _record():
     root = os.getcwd()
     used = sorted(os.path.relpath(m.__file__, root).replace(os.sep, "/") for name, m in list(sys.modules.items())
                   if (name == "vitcnn" or name.startswith("vitcnn.")) and getattr(m, "__file__", None))
-    native = sys.modules.get("vitcnn.models.native")
+    native = sys.modules.get("vitcnn.kernels")
     if native is not None and native.cpu_kernels.cache_info().currsize:  # the C++ source was built or loaded
         used.append(os.path.relpath(native.SOURCE, root).replace(os.sep, "/"))
     out = os.path.join(os.environ["VITCNN_IMPORT_LOG"], f"{os.getpid()}.json")

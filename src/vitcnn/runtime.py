@@ -22,7 +22,7 @@ from filelock import FileLock, Timeout
 
 from vitcnn.data import BatchLoader
 from vitcnn.errors import UserError, first_line
-from vitcnn.models.native import cpu_flags, quiet_cpp_extension
+from vitcnn.kernels import cpu_flags, quiet_cpp_extension
 
 log = logging.getLogger(__name__)
 

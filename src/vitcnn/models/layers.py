@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from vitcnn.models import native
+from vitcnn import kernels
 
 _SPAN = 1 << 16  # p is exact to 1/65536
 
@@ -90,7 +90,7 @@ def cpu_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
     if threshold >= _SPAN:
         return x * 0.0
     seed, scale = draw_seed(), 1.0 / (1.0 - p)
-    if x.dtype in (torch.float32, torch.bfloat16) and native.cpu_kernels():
+    if x.dtype in (torch.float32, torch.bfloat16) and kernels.cpu_kernels():
         return _FusedDropout.apply(x, seed, threshold, scale)
     return _MaskedScale.apply(x, keep_mask(x.shape, seed, threshold), scale)
 
