@@ -125,6 +125,9 @@ def test_wrong_type_names_the_key_and_the_expected_type(tmp_path, data, key, all
         ({"device": "tpu"}, "device", "cuda"),
         ({"cnn": {"channels": []}}, "cnn.channels", "non-empty"),
         ({"cnn": {"channels": [8, 8, 8, 8, 8, 8]}}, "cnn.channels", "at most 5"),
+        ({"cnn": {"block": "resnet9", "channels": [8]}}, "cnn.channels", "at least two widths"),
+        ({"cnn": {"block": "resnet9", "channels": [8] * 7}}, "cnn.channels", "at most 6 widths"),
+        ({"cnn": {"block": "resnet18"}}, "cnn.block", "resnet9"),
     ],
     ids=lambda v: v if isinstance(v, str) else None,
 )

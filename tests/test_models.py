@@ -23,6 +23,7 @@ VARIANTS = [(name, {}) for name in MODELS] + [
     ("vit", {"stem": "conv", "stem_layers": 1, "pooling": "cls", "attn_dropout": 0.0}),
     ("vit", {"pooling": "mean", "depth": 2, "drop_path": 0.1}),
     ("cnn", {"block": "residual"}),
+    ("cnn", {"block": "resnet9", "channels": [4, 8, 8, 16]}),
 ]
 VARIANT_IDS = [f"{name}-{'-'.join(f'{k}={v}' for k, v in variant.items()) or 'default'}" for name, variant in VARIANTS]
 
@@ -55,6 +56,18 @@ DEFAULT_WEIGHTS = {
     "vit": (1_205_898, "8dda52d1f53ab4da481df85a7d510d283c24d584e47bf887a4d4ff4547b5e095"),
     "cnn": (4_694_346, "8685691ba5865ab6a31c2ebd47406d30af76b16d78b805e2221b21f1f029fe10"),
 }
+
+
+def test_resnet9_is_the_cifar10_fast_network():
+    model = build_model("cnn", 10, dataclasses.replace(REGISTRY["cnn"].params(), block="resnet9"))
+    assert count_params(model) == 6_573_120  # Page's ResNet-9: bias-free convs, a bias-free head
+    assert not any(m.bias is not None for m in model.modules() if isinstance(m, torch.nn.Conv2d | torch.nn.Linear))
+    sizes = [m.shape[1:] for m in model.feature_maps(images(batch=1))]
+    assert sizes == [(64, 32, 32), (128, 16, 16), (256, 8, 8), (512, 4, 4)]  # prep, layer1, layer2, layer3
+    assert [b.residual is not None for b in model.blocks[1:]] == [True, False, True]  # residual on 1 and 3
+    features = torch.randn(2, 512, 4, 4)
+    expected = model.head[0](features.amax((2, 3))) / 8  # global max-pool, logits x 1/8
+    torch.testing.assert_close(model.forward_head(features), expected)
 
 
 @pytest.mark.parametrize("name", DEFAULT_WEIGHTS)
@@ -103,7 +116,8 @@ def test_every_model_shows_where_it_looks(name, variant):
         cam = explain.gradcam(model, x, torch.tensor([1, 2]))
         assert cam.shape == (2, 32, 32) and (cam >= 0).all()
         blocks = model.feature_maps(x)
-        assert [m.shape[-1] for m in blocks] == [32 >> (i + 1) for i in range(len(blocks))]
+        stem = variant.get("block") == "resnet9"  # a stem at full resolution, then the pooling layers
+        assert [m.shape[-1] for m in blocks] == [32 >> (i + 1 - stem) for i in range(len(blocks))]
         assert torch.equal(blocks[-1], model.forward_features(x))
 
 

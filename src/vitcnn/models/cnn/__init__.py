@@ -4,6 +4,9 @@ At the defaults it is the original program's CNN: blocks of two 3x3 conv+BN+ReLU
 2x2 max-pool at widths 64-128-256-512, global average pooling, a linear head. `block:
 residual` makes each block ResNet-9-like (Page 2018, the cifar10-fast network): one
 conv+BN+ReLU and the max-pool, then a residual branch of two conv+BN+ReLU at the pooled size.
+`block: resnet9` is that network whole: the first width is a stem at full resolution, each
+further width a conv+BN+ReLU and max-pool, residual after the first and the last of those
+(at 64-128-256-512: exactly cifar10-fast's ResNet-9), global max-pooling, logits x 1/8.
 """
 
 from __future__ import annotations
@@ -18,14 +21,19 @@ from vitcnn.models.spec import ModelSpec
 @dataclass(frozen=True)
 class CNNParams:
     channels: list[int] = field(default_factory=lambda: [64, 128, 256, 512])
-    block: Literal["plain", "residual"] = "plain"
+    block: Literal["plain", "residual", "resnet9"] = "plain"
 
     def check(self, section: str, img_size: int) -> None:
         key = f"{section}.channels"
         require(len(self.channels) >= 1 and all(ch >= 1 for ch in self.channels), key, self.channels,
                 "use a non-empty list of positive integers")
-        require(2 ** len(self.channels) <= img_size, key, self.channels,
-                f"each block halves the image; at most {img_size.bit_length() - 1} blocks fit {img_size}x{img_size}")
+        stem = self.block == "resnet9"  # its first width is a stem that keeps the resolution
+        require(len(self.channels) >= 1 + stem, key, self.channels,
+                "resnet9 needs at least two widths: the stem's and one pooling layer's")
+        most = img_size.bit_length() - 1 + stem
+        require(2 ** (len(self.channels) - stem) <= img_size, key, self.channels,
+                f"each {'width after the stem' if stem else 'block'} halves the image; at most {most} widths fit "
+                f"{img_size}x{img_size}")
 
 
 SPEC = ModelSpec(name="cnn", label="CNN", color="tab:orange", params=CNNParams, module="vitcnn.models.cnn.model",

@@ -1,10 +1,14 @@
-"""The original program's CNN, and a residual (ResNet-9-like) variant at the same widths.
+"""The original program's CNN, a residual variant at the same widths, and ResNet-9.
 
 Plain blocks (the default): two 3x3 conv+BN+ReLU and a 2x2 max-pool, then global average
 pooling and a linear head; at channels (64, 128, 256, 512) it has 4,694,346 parameters for
-10 classes. Residual blocks: conv+BN+ReLU, max-pool, then x + two conv+BN+ReLU. Both have
-the ViT's interface (`forward_features` / `forward_head`), so evaluation and figures never
-branch on the model type.
+10 classes. Residual blocks: conv+BN+ReLU, max-pool, then x + two conv+BN+ReLU. `resnet9`:
+the cifar10-fast network (Page 2018) whole — a conv+BN+ReLU stem at full resolution, then
+per further width conv+BN+ReLU and max-pool, with a residual branch after the first and the
+last; global max-pooling, a linear head without bias and logits scaled by 1/8; convolutions
+without bias (a BN follows each). At (64, 128, 256, 512) it has 6,573,120 parameters. All
+have the ViT's interface (`forward_features` / `forward_head`), so evaluation and figures
+never branch on the model type.
 """
 
 from __future__ import annotations
@@ -19,8 +23,9 @@ def build(params: CNNParams, num_classes: int, img_size: int) -> "CNN":
     return CNN(num_classes=num_classes, channels=params.channels, block=params.block)
 
 
-def conv_bn_relu(in_ch: int, out_ch: int) -> list[nn.Module]:
-    return [nn.Conv2d(in_ch, out_ch, kernel_size=3, padding=1), nn.BatchNorm2d(out_ch), nn.ReLU(inplace=True)]
+def conv_bn_relu(in_ch: int, out_ch: int, bias: bool = True) -> list[nn.Module]:
+    return [nn.Conv2d(in_ch, out_ch, kernel_size=3, padding=1, bias=bias), nn.BatchNorm2d(out_ch),
+            nn.ReLU(inplace=True)]
 
 
 class ConvBlock(nn.Sequential):
@@ -31,27 +36,53 @@ class ConvBlock(nn.Sequential):
 
 
 class ResidualBlock(nn.Module):
-    """conv-BN-ReLU and a 2x2 max-pool, then x + (conv-BN-ReLU twice)(x): (B, in, H, W) -> (B, out, H/2, W/2)."""
+    """conv-BN-ReLU and a 2x2 max-pool, then x + (conv-BN-ReLU twice)(x): (B, in, H, W) -> (B, out, H/2, W/2).
+    Without `residual`, the conv and the pool alone (ResNet-9's middle layer)."""
 
-    def __init__(self, in_ch: int, out_ch: int):
+    def __init__(self, in_ch: int, out_ch: int, bias: bool = True, residual: bool = True):
         super().__init__()
-        self.down = nn.Sequential(*conv_bn_relu(in_ch, out_ch), nn.MaxPool2d(2, 2))
-        self.residual = nn.Sequential(*conv_bn_relu(out_ch, out_ch), *conv_bn_relu(out_ch, out_ch))
+        self.down = nn.Sequential(*conv_bn_relu(in_ch, out_ch, bias), nn.MaxPool2d(2, 2))
+        self.residual = (nn.Sequential(*conv_bn_relu(out_ch, out_ch, bias), *conv_bn_relu(out_ch, out_ch, bias))
+                         if residual else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.down(x)
-        return x + self.residual(x)
+        return x if self.residual is None else x + self.residual(x)
+
+
+class Scale(nn.Module):
+    """Multiplies by a constant: ResNet-9's logits x 1/8, which keeps its untrained outputs small."""
+
+    def __init__(self, factor: float):
+        super().__init__()
+        self.factor = factor
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.factor
+
+
+def resnet9_blocks(in_chans: int, channels: list[int]) -> list[nn.Module]:
+    """The stem at full resolution, then one pooling layer per further width, residual at the first and last."""
+    layers = len(channels) - 1
+    return [nn.Sequential(*conv_bn_relu(in_chans, channels[0], bias=False)),
+            *(ResidualBlock(a, b, bias=False, residual=i in (0, layers - 1))
+              for i, (a, b) in enumerate(zip(channels[:-1], channels[1:])))]
 
 
 class CNN(nn.Module):
     def __init__(self, num_classes: int, channels: list[int] = (64, 128, 256, 512), in_chans: int = 3,
                  block: str = "plain"):
         super().__init__()
-        make_block = {"plain": ConvBlock, "residual": ResidualBlock}[block]
-        widths = [in_chans, *channels]
-        self.blocks = nn.ModuleList(make_block(a, b) for a, b in zip(widths[:-1], widths[1:]))
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.head = nn.Linear(widths[-1], num_classes)
+        if block == "resnet9":
+            self.blocks = nn.ModuleList(resnet9_blocks(in_chans, list(channels)))
+            self.pool = nn.AdaptiveMaxPool2d(1)
+            self.head = nn.Sequential(nn.Linear(channels[-1], num_classes, bias=False), Scale(0.125))
+        else:
+            make_block = {"plain": ConvBlock, "residual": ResidualBlock}[block]
+            widths = [in_chans, *channels]
+            self.blocks = nn.ModuleList(make_block(a, b) for a, b in zip(widths[:-1], widths[1:]))
+            self.pool = nn.AdaptiveAvgPool2d(1)
+            self.head = nn.Linear(widths[-1], num_classes)
 
     def no_weight_decay(self) -> set[str]:
         return set()  # no embeddings: every matrix is a weight
