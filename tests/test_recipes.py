@@ -54,7 +54,7 @@ def test_the_seed_recipe_is_the_defaults_and_the_strong_one_differs_per_model(pr
     params = load_params(project / "params.yaml")
     vit, cnn = recipe_for(params, "vit"), recipe_for(params, "cnn")
     assert (vit.optimizer, cnn.optimizer) == ("adamw", "sgd")
-    assert params.vit.stem == "conv" and params.cnn.block == "residual"
+    assert params.vit.stem == "conv" and params.cnn.block == "resnet9"
     assert vit.epochs == cnn.epochs == params.train.epochs  # one flag still sets both budgets
 
 
@@ -78,4 +78,4 @@ def test_a_study_takes_a_recipe_and_its_own_flags_win(project, monkeypatch):
 
     sets = with_recipe("strong", ["vit.recipe.lr=0.002", "train.epochs=3"], "budget")
     assert "vit.recipe.lr=0.002" in sets and "vit.recipe.lr=0.001" not in sets
-    assert "cnn.block=residual" in sets and "train.epochs=3" in sets
+    assert "cnn.block=resnet9" in sets and "train.epochs=3" in sets
