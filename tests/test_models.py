@@ -59,12 +59,14 @@ DEFAULT_WEIGHTS = {
 
 
 def test_resnet9_is_the_cifar10_fast_network():
+    from vitcnn.models.cnn.model import Residual
+
     model = build_model("cnn", 10, dataclasses.replace(REGISTRY["cnn"].params(), block="resnet9"))
     assert count_params(model) == 6_573_120  # Page's ResNet-9: bias-free convs, a bias-free head
     assert not any(m.bias is not None for m in model.modules() if isinstance(m, torch.nn.Conv2d | torch.nn.Linear))
     sizes = [m.shape[1:] for m in model.feature_maps(images(batch=1))]
     assert sizes == [(64, 32, 32), (128, 16, 16), (256, 8, 8), (512, 4, 4)]  # prep, layer1, layer2, layer3
-    assert [b.residual is not None for b in model.blocks[1:]] == [True, False, True]  # residual on 1 and 3
+    assert [isinstance(b.residual, Residual) for b in model.blocks[1:]] == [True, False, True]  # residual: 1 and 3
     features = torch.randn(2, 512, 4, 4)
     expected = model.head[0](features.amax((2, 3))) / 8  # global max-pool, logits x 1/8
     torch.testing.assert_close(model.forward_head(features), expected)

@@ -35,6 +35,13 @@ class ConvBlock(nn.Sequential):
         super().__init__(*conv_bn_relu(in_ch, out_ch), *conv_bn_relu(out_ch, out_ch), nn.MaxPool2d(2, 2))
 
 
+class Residual(nn.Sequential):
+    """x + its layers applied to x (they keep x's shape); its weights are named as a plain Sequential's."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + super().forward(x)
+
+
 class ResidualBlock(nn.Module):
     """conv-BN-ReLU and a 2x2 max-pool, then x + (conv-BN-ReLU twice)(x): (B, in, H, W) -> (B, out, H/2, W/2).
     Without `residual`, the conv and the pool alone (ResNet-9's middle layer)."""
@@ -42,12 +49,11 @@ class ResidualBlock(nn.Module):
     def __init__(self, in_ch: int, out_ch: int, bias: bool = True, residual: bool = True):
         super().__init__()
         self.down = nn.Sequential(*conv_bn_relu(in_ch, out_ch, bias), nn.MaxPool2d(2, 2))
-        self.residual = (nn.Sequential(*conv_bn_relu(out_ch, out_ch, bias), *conv_bn_relu(out_ch, out_ch, bias))
-                         if residual else None)
+        self.residual = (Residual(*conv_bn_relu(out_ch, out_ch, bias), *conv_bn_relu(out_ch, out_ch, bias))
+                         if residual else nn.Identity())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.down(x)
-        return x if self.residual is None else x + self.residual(x)
+        return self.residual(self.down(x))
 
 
 class Scale(nn.Module):
