@@ -12,6 +12,7 @@ import json
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -192,6 +193,47 @@ def test_second_repro_has_nothing_to_do(project):
     assert json.loads(out) == {}, out
 
 
+def vitcnn(*args: str, cwd: Path, env: dict, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, "-m", "vitcnn", *args], cwd=cwd, env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert not check or result.returncode == 0, result.stderr
+    return result
+
+
+def test_results_save_keeps_the_run_with_the_dvc_lock_that_made_it(project):
+    repo, env = project["repo"], project["env"]
+    vitcnn("results", "save", "tiny", "--note", "a test run", cwd=repo, env=env)
+    saved = repo / "results" / "tiny"
+    assert (saved / "dvc.lock").read_bytes() == (repo / "dvc.lock").read_bytes()
+    assert (saved / "params.yaml").read_bytes() == (repo / "params.yaml").read_bytes()
+    for path in [*(repo / "metrics").glob("*.json"), *(repo / "plots").rglob("*.csv"), repo / "plots" / "report.md"]:
+        assert (saved / path.relative_to(repo)).read_bytes() == path.read_bytes(), path
+    machine = read_json(saved / "machine.json")
+    head = run(["git", "rev-parse", "HEAD"], repo, env).stdout.strip()
+    assert machine["commit"] == head and machine["source"] == "workspace" and machine["note"] == "a test run"
+    assert machine["machine"]["cores"] >= 1 and machine["machine"]["cpu"]
+    assert machine["software"]["torch"] == read_json(repo / "metrics" / "train_vit.json")["torch"]
+    assert machine["trained"]["cnn"]["train_time_s"] == read_json(repo / "metrics" / "train_cnn.json")["train_time_s"]
+
+    again = vitcnn("results", "save", "tiny", cwd=repo, env=env, check=False)  # nothing is overwritten by accident
+    assert again.returncode == 1 and "exists already" in again.stderr and "Traceback" not in again.stderr
+    shutil.rmtree(saved)
+
+
+def test_results_save_refuses_outputs_that_dvc_lock_does_not_describe(project):
+    repo, env = project["repo"], project["env"]
+    params = repo / "params.yaml"
+    text = params.read_text()
+    params.write_text(text.replace("eval_batch_size: 1000", "eval_batch_size: 999"))
+    try:
+        result = vitcnn("results", "save", "stale", cwd=repo, env=env, check=False)
+    finally:
+        params.write_text(text)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert "train_cnn" in result.stderr and "dvc repro" in result.stderr
+    assert not (repo / "results" / "stale").exists()
+
+
 def test_experiment_on_a_vit_param_reruns_only_what_depends_on_it(project):
     repo, env = project["repo"], project["env"]
     before = {name: (repo / "metrics" / name).read_bytes() for name in ("train_vit.json", "train_cnn.json")}
@@ -224,6 +266,26 @@ def test_experiment_on_a_vit_param_reruns_only_what_depends_on_it(project):
     assert _exp_value(experiments[0], "params", "params.yaml")["vit"]["depth"] == 2
     assert _exp_value(experiments[0], "metrics", "metrics/train_vit.json")["params"] == vit_after["params"]
     assert _exp_value(experiments[0], "metrics", "metrics/train_cnn.json") == json.loads(before["train_cnn.json"])
+
+
+def test_results_save_of_an_experiment_reads_its_commit_not_the_workspace(project):
+    repo, env = project["repo"], project["env"]
+    shown = json.loads(dvc("exp", "show", "--json", cwd=repo, env=env).stdout)
+    baseline = next(e for e in shown if e["rev"] != "workspace")
+    exp = (baseline.get("experiments") or [])[0]
+    rev = exp["revs"][0]
+    (repo / "metrics" / "evaluate.json").write_text("{}")  # the workspace is not what gets saved
+    try:
+        vitcnn("results", "save", "depth2", "--exp", exp["name"], cwd=repo, env=env)
+    finally:
+        run(["git", "checkout", "--", "metrics/evaluate.json"], repo, env)
+    saved = repo / "results" / "depth2"
+    assert read_json(saved / "metrics" / "evaluate.json") == _exp_value(rev, "metrics", "metrics/evaluate.json")
+    assert yaml.safe_load((saved / "params.yaml").read_text())["vit"]["depth"] == 2
+    assert "train_vit" in (saved / "dvc.lock").read_text()
+    machine = read_json(saved / "machine.json")
+    assert machine["commit"] == baseline["rev"] and machine["source"] == f"experiment {exp['name']}"
+    shutil.rmtree(saved)
 
 
 def _exp_value(entry: dict, kind: str, filename: str) -> dict:

@@ -2,6 +2,7 @@
 
     vitcnn study run|wait|summarize ...   many experiments on DVC's queue, one honest summary
     vitcnn recipe NAME | --list           a named recipe as `-S key=value` flags for dvc exp run
+    vitcnn results save NAME [--exp EXP]  a run's metrics, plots, params, dvc.lock and machine into results/NAME/
 
 The pipeline itself runs with `dvc repro` / `dvc exp run`; this command works around it.
 """
@@ -11,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from vitcnn import recipes
+from vitcnn import recipes, results
 from vitcnn.errors import UserError
 from vitcnn.study import cli as study_cli
 
@@ -34,7 +35,27 @@ def recipe_command(args: argparse.Namespace) -> int:
     return 0
 
 
-GROUPS = {"study": study_cli.add_parser, "recipe": add_recipe_parser}
+def add_results_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("results", help="save a run with its provenance under results/NAME/",
+                                   description=results.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{save}")
+    save = commands.add_parser("save", help="copy metrics/, plots/, params.yaml and dvc.lock into results/NAME/ "
+                               "with machine.json")
+    save.add_argument("name", help="the folder's name under results/ (lower-case letters, digits, . _ -)")
+    save.add_argument("--exp", help="save this experiment (a name from dvc exp show) instead of the workspace")
+    save.add_argument("--note", help="a sentence kept in machine.json, e.g. what else shared the machine")
+    save.add_argument("--force", action="store_true", help="replace results/NAME/ if it exists")
+    parser.set_defaults(handler=results_command)
+
+
+def results_command(args: argparse.Namespace) -> int:
+    folder = results.save(args.name, exp=args.exp, note=args.note or "", force=args.force)
+    count = sum(1 for p in folder.rglob("*") if p.is_file())
+    print(f"vitcnn results: saved {folder}/ ({count} files)", file=sys.stderr)
+    return 0
+
+
+GROUPS = {"study": study_cli.add_parser, "recipe": add_recipe_parser, "results": add_results_parser}
 
 
 def main(argv: list[str] | None = None) -> int:
