@@ -173,6 +173,21 @@ def test_confident_mistakes_are_wrong_most_confident_first_and_of_the_wanted_cla
     assert viz.confident_mistakes(actual, predicted, confidence, names, ["airplane"], 10).tolist() == [3, 0, 6]
 
 
+def test_the_reliability_diagram_labels_each_bin_with_its_images_and_marks_the_few(tmp_path, monkeypatch):
+    drawn = []
+    monkeypatch.setattr(viz, "save_figure", lambda fig, path, dpi: drawn.append(fig))
+    rows = [{"lower": 0.2, "upper": 0.3, "confidence": 0.25, "accuracy": 1.0, "count": 3},
+            {"lower": 0.9, "upper": 1.0, "confidence": 0.97, "accuracy": 0.96, "count": 4940}]
+    metrics = {"ece": 0.02, "ece_ts": 0.01, "temperature": 1.1}
+    viz.reliability_diagrams({"vit": {"reliability": rows, "reliability_ts": rows}}, {"vit": metrics},
+                             tmp_path / "r.png", 60)
+    ax = drawn[0].axes[0]
+    assert {t.get_text() for t in ax.texts} == {"3", "4,940"}
+    bars = [b for b in ax.patches if b.get_height() > 0]
+    few = [b for b in bars if b.get_hatch()]  # the 3-image bin: hatched and pale, its accuracy of 1.0 is noise
+    assert len(few) == 1 and few[0].get_x() == pytest.approx(0.2) and few[0].get_alpha() < 1
+
+
 # --- the visualize stage on a tiny project ----------------------------------------------------
 
 # Written by json.dumps as evaluate writes them; the report must show these texts unchanged.

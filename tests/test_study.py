@@ -9,10 +9,11 @@ import subprocess
 import sys
 
 import pytest
+from matplotlib.collections import PathCollection
 
 from conftest import ROOT, dvc, make_tiny_project, run
 from vitcnn.__main__ import main as vitcnn
-from vitcnn.study import report
+from vitcnn.study import report, runs
 from vitcnn.study.experiments import Baseline, Experiment, parse
 from vitcnn.study.summary import estimate, summarize
 
@@ -324,3 +325,90 @@ def test_a_summary_carries_robustness_and_calibration_with_their_intervals(tmp_p
     assert "## Robustness and calibration" in md and "41.00% ± 1.00" in md and "0.031 ± 0.001" in md
     assert "ViT ECE, temperature-scaled" in md and "0.013 ± 0.001" in md
     assert "corruption_acc_mean" in report.to_csv(summary).splitlines()[0]
+
+
+# --- runs.csv: every run kept, the summary computed again from it ------------------------------------
+
+
+def _study_runs() -> tuple[list[Experiment], list[Baseline]]:
+    """Two groups of three seeds, a failed run, params of every kind (a list, a string, a bool)."""
+    runs = [experiment(f"v-{i}", s, 0.30 + s / 97 + n / 1e5, 0.5 + s / 89, **{
+        "data.subset": n, "data.source": "../shared/x.tar.gz", "cnn.channels": [8, 16], "train.flip": False})
+        for i, (n, s) in enumerate((n, s) for n in (1000, 4000) for s in range(3))]
+    for e in runs:
+        e.metrics["vit"]["ece"] = 0.031 + e.params["seed"] / 1e3
+    runs.append(experiment("v-6", 3, 0.0, None, state="failed", **{"data.subset": 1000}))
+    runs[-1].error = "train_vit: error: training loss is not finite at epoch 1, step 2"
+    baselines = [Baseline("a" * 40, "main", {**DEFAULTS, "data.source": "download", "cnn.channels": [64, 128],
+                                              "train.flip": True})]
+    return runs, baselines
+
+
+def test_runs_csv_keeps_every_run_and_gives_back_the_same_summary(tmp_path):
+    found, baselines = _study_runs()
+    summary = summarize(found, baselines, MODELS)
+    report.write(summary, tmp_path / "live", "Study v", found, baselines)
+    text = (tmp_path / "live" / "runs.csv").read_text()
+    head = text.splitlines()[0].split(",")
+    assert head[:7] == ["name", "rev", "commit", "state", "timestamp", "error", "seed"]
+    assert {"data.subset", "data.source", "cnn.channels", "train.flip", "vit:test_acc", "vit:ece", "cnn:test_acc"} <= set(head)
+    assert "train.epochs" not in head  # the same everywhere and as params.yaml has it: no column
+    assert len(text.splitlines()) == 1 + 1 + 7  # the header, the commit's params, every run (the failed one too)
+
+    again, again_baselines = runs.read(tmp_path / "live" / "runs.csv")
+    assert [(e.name, e.state, e.params["seed"], e.metrics) for e in again] == [
+        (e.name, e.state, e.params["seed"], e.metrics) for e in sorted(found, key=lambda e: (e.timestamp, e.name))]
+    assert again[0].params["cnn.channels"] == [8, 16] and again[0].params["train.flip"] is False
+    report.write(summarize(again, again_baselines, MODELS), tmp_path / "again", "Study v", again, again_baselines)
+    for name in ("summary.md", "summary.csv", "runs.csv"):
+        assert (tmp_path / "again" / name).read_text() == (tmp_path / "live" / name).read_text(), name
+    md = (tmp_path / "again" / "summary.md").read_text()
+    assert "`v-6`: train_vit: error: training loss is not finite" in md
+    assert "`data.source=../shared/x.tar.gz`" in md  # set by the study: differs from params.yaml
+
+
+def test_summarize_from_a_runs_csv_writes_the_summary_offline(tmp_path, capsys):
+    found, baselines = _study_runs()
+    report.write(summarize(found, baselines, MODELS), tmp_path / "v", "Study v", found, baselines)
+    assert vitcnn(["study", "summarize", "--from", str(tmp_path / "v" / "runs.csv"), "--out", str(tmp_path / "o")]) == 0
+    assert (tmp_path / "o" / "summary.md").read_text() == (tmp_path / "v" / "summary.md").read_text()
+    assert (tmp_path / "o" / "curve.png").is_file()
+    assert vitcnn(["study", "summarize", "--from", str(tmp_path / "missing.csv")]) == 1
+    assert "missing.csv: not found" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("study", sorted(p.parent.name for p in (ROOT / "studies").glob("*/runs.csv")))
+def test_each_committed_study_summary_is_what_its_runs_give(study, tmp_path):
+    folder = ROOT / "studies" / study
+    assert vitcnn(["study", "summarize", "--from", str(folder / "runs.csv"), "--out", str(tmp_path)]) == 0
+    for name in ("summary.md", "summary.csv"):
+        assert (tmp_path / name).read_text() == (folder / name).read_text(), f"studies/{study}/{name}"
+
+
+def test_intervals_stay_within_what_the_quantity_allows():
+    accuracy = estimate([0.02, 0.05, 0.30], bounds=(0.0, 1.0))  # three seeds: t(2) is wide
+    assert accuracy.ci95[0] == 0.0 and accuracy.clipped and accuracy.ci95[1] < 1.0
+    time = estimate([5.0, 500.0], bounds=(0.0, math.inf))
+    assert time.ci95[0] == 0.0 and time.clipped
+    assert not estimate([0.5, 0.6, 0.7], bounds=(0.0, 1.0)).clipped
+    runs = [experiment(f"c-{s}", s, [0.11, 0.45][s], [0.9, 0.2][s]) for s in range(2)]
+    summary = summarize(runs, [], MODELS)
+    (group,) = summary.groups
+    assert group.metrics["vit"]["test_acc"].ci95[0] == 0.0 and group.diff.ci95[1] <= 1.0
+    assert any("clipped" in note for note in summary.notes)
+
+
+def test_study_figures_mark_each_seed_and_join_no_measured_values(tmp_path, monkeypatch):
+    drawn = []
+    monkeypatch.setattr(report, "save_figure", lambda fig, path, dpi: drawn.append(fig))
+    found, baselines = _study_runs()
+    summary = summarize(found, baselines, MODELS)
+    report.curve_figure(summary, "data.subset", tmp_path / "curve.png")
+    report.accuracy_figure(summary, tmp_path / "accuracy.png")
+    for fig in drawn:
+        ax = fig.axes[0]
+        dots = sum(len(c.get_offsets()) for c in ax.collections if isinstance(c, PathCollection))
+        assert dots == 2 * 6  # every seed of both models, in both groups
+        joined = [line for line in ax.get_lines() if line.get_linestyle() not in ("None", "") and len(line.get_xdata()) > 2]
+        assert not joined  # no line between measured values: nothing suggests a value in between
+    assert drawn[0].axes[0].get_xscale() == "log"

@@ -143,12 +143,14 @@ def occlusion_masks(n: int, size: int, fraction: float, kind: str, patch: int, s
 
 def calibration(logits: torch.Tensor, labels: torch.Tensor, bins: int) -> Calibration:
     """ECE over `bins` equal-width confidence bins (the gap between confidence and accuracy, weighted by
-    each bin's share of images), NLL and the Brier score (squared error of the probability vector)."""
+    each bin's share of images), NLL and the Brier score: the squared error of the probability vector
+    against the one-hot label, summed over the classes (0 to 2; scikit-learn's multiclass convention)
+    and averaged over the images."""
     probs = logits.float().softmax(1)
     confidence, predicted = probs.max(1)
     correct = (predicted == labels).float()
     edges = torch.linspace(0, 1, bins + 1)
-    index = torch.bucketize(confidence.cpu(), edges[1:-1], right=True)  # bin i holds (edge_i, edge_i+1]
+    index = torch.bucketize(confidence.cpu(), edges[1:-1], right=True)  # bin i holds [edge_i, edge_i+1); the last, 1 too
     ece, rows = 0.0, []
     for i in range(bins):
         inside = index == i

@@ -57,11 +57,11 @@ METRIC_LABELS = {
     "occlusion_box_acc": "accuracy, a central box removed",
     "ece": "expected calibration error",
     "nll": "negative log-likelihood",
-    "brier": "Brier score",
+    "brier": "Brier score (squared error summed over the classes, 0–2)",
     "temperature": "temperature fitted on the validation split",
     "ece_ts": "ECE after temperature scaling",
     "nll_ts": "NLL after temperature scaling",
-    "brier_ts": "Brier score after temperature scaling",
+    "brier_ts": "Brier score after temperature scaling (0–2)",
 }
 
 
@@ -385,30 +385,45 @@ def occlusion_curves(occlusion: dict[str, list[dict]], path: Path, dpi: int) -> 
     save_figure(fig, path, dpi)
 
 
+FEW_IMAGES = 30  # a confidence bin with fewer images than this says little about its accuracy
+
+
 def reliability_diagrams(bins: dict[str, dict[str, list[dict]]], robustness: dict[str, dict], path: Path,
                          dpi: int) -> None:
     """Accuracy per confidence bin against the diagonal of perfect calibration, one column per model: the
-    model as trained on top, after temperature scaling below.
+    model as trained on top, after temperature scaling below. Each bar is labelled with its number of
+    images, and a bin with fewer than FEW_IMAGES is drawn hatched and pale: its accuracy is noise, whatever
+    its height (the ECE weights each bin by its images, so such bins barely count there either).
 
     bins: model -> {"reliability" | "reliability_ts": rows of plots/robustness/<that>/<model>.csv (lower,
     upper, confidence, accuracy, count)}; robustness: metrics/robustness.json (ece, ece_ts, temperature).
     """
-    fig, axes = plt.subplots(2, len(bins), figsize=(3.8 * len(bins), 7.4), squeeze=False, layout="constrained")
+    fig, axes = plt.subplots(2, len(bins), figsize=(3.8 * len(bins), 7.8), squeeze=False, layout="constrained")
     for column, (name, by_kind) in enumerate(bins.items()):
         m = robustness[name]
         titles = {"reliability": f"{label(name)} as trained (ECE {m['ece']:.3f})",
                   "reliability_ts": f"{label(name)}, T = {m['temperature']:.2f} (ECE {m['ece_ts']:.3f})"}
         for row, (kind, title) in enumerate(titles.items()):
             ax, rows = axes[row][column], by_kind[kind]
-            lower = [float(r["lower"]) for r in rows]
-            width = [float(r["upper"]) - float(r["lower"]) for r in rows]
-            ax.bar(lower, [float(r["accuracy"]) for r in rows], width=width, align="edge", color=color(name),
+            lower = np.array([float(r["lower"]) for r in rows])
+            width = np.array([float(r["upper"]) for r in rows]) - lower
+            accuracy = np.array([float(r["accuracy"]) for r in rows])
+            counts = np.array([int(float(r["count"])) for r in rows])
+            few = counts < FEW_IMAGES
+            ax.bar(lower[~few], accuracy[~few], width=width[~few], align="edge", color=color(name),
                    edgecolor="white", label="accuracy")
+            if few.any():
+                ax.bar(lower[few], accuracy[few], width=width[few], align="edge", color=color(name), alpha=0.3,
+                       hatch="///", edgecolor="white", label=f"accuracy of < {FEW_IMAGES} images")
+            for x, w, n in zip(lower, width, counts):  # a row of counts above the bars, clear of them
+                ax.text(x + w / 2, 1.015, f"{n:,}", rotation=90, ha="center", va="bottom", fontsize=5.5)
+            ax.axhline(1.0, color="0.8", lw=0.6)
             ax.plot([float(r["confidence"]) for r in rows], [float(r["confidence"]) for r in rows], "k.", ms=4,
                     label="mean confidence")
             ax.plot([0, 1], [0, 1], "k--", lw=0.8)
-            ax.set(title=title, xlabel="confidence", ylabel="accuracy", xlim=(0, 1), ylim=(0, 1))
-            ax.legend(fontsize=7, loc="upper left")
+            ax.set(title=title, xlabel="confidence (above each bar: its number of images)", ylabel="accuracy",
+                   xlim=(0, 1), ylim=(0, 1.16), yticks=np.linspace(0, 1, 6))
+            ax.legend(fontsize=6.5, loc="center left")
     fig.suptitle("Reliability on the clean test split: as trained, and after temperature scaling")
     save_figure(fig, path, dpi)
 
@@ -447,7 +462,8 @@ def figure_captions(specs: Sequence[ModelSpec]) -> dict[str, tuple[str, str]]:
     captions["occlusion"] = ("Accuracy under occlusion", (
         "Test accuracy as a growing fraction of each image is removed: random patches, or one central box."))
     captions["reliability"] = ("Calibration", (
-        "Accuracy per confidence bin against the diagonal of perfect calibration, and the expected "
+        "Accuracy per confidence bin against the diagonal of perfect calibration, each bar labelled with its "
+        f"number of images (hatched and pale: fewer than {FEW_IMAGES}, too few to read), and the expected "
         "calibration error (equal-width bins): as trained (top), and after dividing the logits by the "
         "temperature T fitted on the validation split (bottom; T > 1 softens an overconfident model, T < 1 "
         "sharpens an underconfident one; the predictions are the same)."))

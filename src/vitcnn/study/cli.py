@@ -7,6 +7,7 @@
     vitcnn study run seeds --recipe strong --seeds 3
     vitcnn study wait NAME
     vitcnn study summarize [--name PREFIX] [--all-commits] [--json] [--out DIR]
+    vitcnn study summarize --from studies/NAME/runs.csv [--out DIR]
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from datetime import datetime
 from pathlib import Path
 
 from vitcnn import recipes
-from vitcnn.study import experiments, queue, report
+from vitcnn.study import experiments, queue, report, runs
 from vitcnn.study.grid import AXES, StudyError, parse_counts, plan
 from vitcnn.study.summary import Summary, summarize
 
@@ -54,7 +55,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     summary.add_argument("--name", help="only experiments whose name starts with this (a study's name)")
     summary.add_argument("-A", "--all-commits", action="store_true", help="experiments of every commit, not only HEAD's")
     summary.add_argument("--json", action="store_true", help="print the summary as one JSON object")
-    summary.add_argument("--out", type=Path, help="where the summary goes (default: studies/<name or 'all'>/)")
+    summary.add_argument("--out", type=Path, help="where the summary goes (default: studies/<name or 'all'>/; "
+                         "with --from, the folder of that runs.csv)")
+    summary.add_argument("--from", dest="source", type=Path, metavar="RUNS_CSV",
+                         help="summarize the runs of a runs.csv (offline; no DVC needed) instead of DVC's experiments")
     study.set_defaults(handler=main)
 
 
@@ -63,7 +67,7 @@ def main(args: argparse.Namespace) -> int:
         return run_study(args)
     if args.command == "wait":
         return follow(args.name, args.out)
-    return summarize_command(args.name, args.all_commits, args.json, args.out)
+    return summarize_command(args.name, args.all_commits, args.json, args.out, args.source)
 
 
 def run_study(args: argparse.Namespace) -> int:
@@ -115,20 +119,26 @@ def follow(name: str, out: Path | None) -> int:
     return summarize_command(name, True, False, out)
 
 
-def summarize_command(name: str | None, all_commits: bool, as_json: bool, out: Path | None) -> int:
-    found, baselines = experiments.load(all_commits)
-    if name:
-        found = [e for e in found if e.name.startswith(name)]
+def summarize_command(name: str | None, all_commits: bool, as_json: bool, out: Path | None,
+                      source: Path | None = None) -> int:
+    if source:  # a study's runs, as summarize wrote them: the same summary again, offline
+        found, baselines = runs.read(source)
+        name = name or (None if source.parent.name == "all" else source.parent.name)
+        out = out or source.parent
+    else:
+        found, baselines = experiments.load(all_commits)
+        if name:
+            found = [e for e in found if e.name.startswith(name)]
     if not found:
-        where = "of any commit" if all_commits else "of this commit"
+        where = f"in {source}" if source else "of any commit" if all_commits else "of this commit"
         matching = f" named '{name}...'" if name else ""
         raise StudyError(f"no experiments{matching} {where}; run one with `{EXAMPLE}` or `dvc exp run`")
     from vitcnn.models import MODELS
 
     summary = summarize(found, baselines, list(MODELS))
     out = out or STUDIES / (name or "all")
-    title = f"Study {name}" if name else "All experiments" + ("" if all_commits else " of this commit")
-    written = report.write(summary, out, title)
+    title = f"Study {name}" if name else "All experiments"
+    written = report.write(summary, out, title, found, baselines)
     if as_json:
         print(json.dumps({**summary.as_dict(), "files": [str(p) for p in written]}, indent=2))
     else:

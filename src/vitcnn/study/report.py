@@ -1,12 +1,15 @@
-"""A study's summary on disk: summary.md (tables and figures), summary.csv, and the figures.
+"""A study's summary on disk: summary.md (tables and figures), summary.csv, runs.csv, and the figures.
 
-- accuracy.png: test accuracy per group and model, mean with its 95% interval, and the
-  paired ViT - CNN difference per group;
+- accuracy.png: test accuracy per group and model, every seed as a dot and the mean with its
+  95% interval, and the paired difference of each pair of models per group;
 - curve.png, when one numeric param varies across groups (data.subset, train.epochs, ...):
-  accuracy against that param, one line per model with its 95% band, and the paired
-  difference against it; a log axis for training-set sizes.
+  accuracy against that param, the same marks at each measured value, and the paired
+  difference against it; a log axis for training-set sizes. Only measured values are drawn:
+  no line or band joins them, so nothing suggests values (or a crossing) between them.
 
-summary.md reads the same offline and on GitHub (plain Markdown, figures beside it).
+summary.md reads the same offline and on GitHub (plain Markdown, figures beside it). Every file
+is a function of the runs alone (runs.csv), so `vitcnn study summarize --from runs.csv` writes
+it again, byte for byte, anywhere.
 """
 
 from __future__ import annotations
@@ -14,7 +17,6 @@ from __future__ import annotations
 import csv
 import io
 from collections.abc import Callable
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +27,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from vitcnn.io import atomic_write  # noqa: E402
-from vitcnn.study.experiments import SUMMARIZED  # noqa: E402
+from vitcnn.study import runs  # noqa: E402
+from vitcnn.study.experiments import SUMMARIZED, Baseline, Experiment  # noqa: E402
 from vitcnn.study.summary import Estimate, Group, Summary  # noqa: E402
 from vitcnn.visualize import color, label, save_figure  # noqa: E402
 
@@ -35,11 +38,17 @@ AXIS_LABELS = {"data.subset": "training images (data.subset)", "train.epochs": "
 DPI = 120
 
 
-def write(summary: Summary, out: Path, title: str) -> list[Path]:
-    """Write summary.md, summary.csv and the figures into `out`; return the paths written."""
+def write(summary: Summary, out: Path, title: str, experiments: list[Experiment] | None = None,
+          baselines: list[Baseline] = ()) -> list[Path]:
+    """Write summary.md, summary.csv, the figures and, given the `experiments` it was made from, runs.csv
+    into `out`; return the paths written."""
     out.mkdir(parents=True, exist_ok=True)
-    written = [out / "summary.csv"]
-    with atomic_write(written[0]) as tmp:
+    written = []
+    if experiments is not None:
+        written.append(out / "runs.csv")
+        runs.write(written[-1], experiments, list(baselines))
+    written.append(out / "summary.csv")
+    with atomic_write(written[-1]) as tmp:
         tmp.write_text(to_csv(summary))
     figures = []
     if summary.groups:
@@ -100,17 +109,16 @@ def group_label(group: Group, summary: Summary) -> str:
 
 
 def table(summary: Summary) -> str:
-    """The results as a Markdown table: one row per group."""
+    """The results as a Markdown table: one row per group, a column per model and per pair of models."""
     models = _models(summary)
+    pairs = _pairs(summary)
     head = ["group", "n", "seeds", *(f"{label(m)} test acc" for m in models)]
-    if any(g.diff for g in summary.groups):
-        head.append(f"{label(models[0])} − {label(models[1])} (paired)")
+    head += [f"{label(a)} − {label(b)} (paired)" for a, b in pairs]
     rows = []
     for g in summary.groups:
         row = [group_label(g, summary), str(len(g.experiments)), " ".join(map(str, g.seeds))]
         row += [percent(g.metrics.get(m, {}).get("test_acc")) for m in models]
-        if len(head) > 3 + len(models):
-            row.append(percent(g.diff, signed=True))
+        row += [percent(g.pairs.get(pair), signed=True) for pair in pairs]
         rows.append(row)
     return _markdown_table(head, rows)
 
@@ -145,13 +153,18 @@ def robustness_table(summary: Summary) -> str | None:
 def markdown(summary: Summary, title: str, figures: list[str]) -> str:
     n_runs = sum(len(g.experiments) for g in summary.groups)
     commits = sorted({g.baseline[:7] for g in summary.groups})
+    stamps = sorted(e.timestamp[:16].replace("T", " ") for g in summary.groups for e in g.experiments if e.timestamp)
+    when = f"; runs finished {stamps[0]} to {stamps[-1]}" if stamps else ""
     lines = [f"# {title}", ""]
-    lines.append(f"{_count(n_runs, 'successful run')} in {_count(len(summary.groups), 'group')}, from commit {', '.join(commits) or '—'}; "
-                 f"summarized {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC.")
+    lines.append(f"{_count(n_runs, 'successful run')} in {_count(len(summary.groups), 'group')}, from commit "
+                 f"{', '.join(commits) or '—'}{when}. The runs, one row each, are in `runs.csv`; "
+                 "`vitcnn study summarize --from runs.csv` writes this summary again from them.")
     lines += ["", "Runs are grouped by every param except `seed`. Each cell: mean ± standard deviation over the seeds "
-              "[95% Student t confidence interval of the mean], in accuracy points of the test split. The last column "
-              "is the paired difference: per seed, one model's accuracy minus the other's (both trained with that "
-              "seed), then the same statistics over the seeds.", ""]
+              "[95% Student t confidence interval of the mean], in accuracy points of the test split. The paired "
+              "columns: per seed, one model's accuracy minus the other's (both trained with that seed), then the "
+              "same statistics over the seeds. The intervals cover the variation between seeds (initialisation, "
+              "batch order, augmentation, dropout) on one train/val split and one test split; they do not cover "
+              "another split, another test set or another budget.", ""]
     lines += [f"- {note}" for note in summary.notes]
     if summary.shared:
         lines += ["", "Settings every run shares that differ from params.yaml: "
@@ -170,12 +183,17 @@ def markdown(summary: Summary, title: str, figures: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+PARTS = ("mean", "std", "ci95_low", "ci95_high")
+
+
 def to_csv(summary: Summary) -> str:
-    """One row per group and model: the varying params, n, seeds, every estimate, the paired difference."""
+    """One row per group and model: the varying params, n, seeds, every estimate, and the group's paired
+    differences of test accuracy (`paired_<a>-<b>_test_acc_*`, one set per pair of models)."""
     metrics = list(SUMMARIZED)
+    pairs = _pairs(summary)
     head = [*summary.varying, "commit", "model", "n", "seeds"]
-    head += [f"{m}_{part}" for m in metrics for part in ("mean", "std", "ci95_low", "ci95_high")]
-    head += ["diff_test_acc_mean", "diff_test_acc_ci95_low", "diff_test_acc_ci95_high"]
+    head += [f"{m}_{part}" for m in metrics for part in PARTS]
+    head += [f"paired_{a}-{b}_test_acc_{part}" for a, b in pairs for part in PARTS]
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(head)
@@ -183,10 +201,8 @@ def to_csv(summary: Summary) -> str:
         for model in g.models:
             row: list[Any] = [_value(g.params[k]) for k in summary.varying]
             row += [g.baseline, model, len(g.experiments), " ".join(map(str, g.seeds))]
-            for metric in metrics:
-                e = g.metrics[model].get(metric)
+            for e in [g.metrics[model].get(metric) for metric in metrics] + [g.pairs.get(pair) for pair in pairs]:
                 row += [e.mean, e.std, *(e.ci95 or (None, None))] if e else [None] * 4
-            row += [g.diff.mean, *(g.diff.ci95 or (None, None))] if g.diff else [None] * 3
             writer.writerow(["" if v is None else v for v in row])
     return buf.getvalue()
 
@@ -207,51 +223,59 @@ def curve_axis(summary: Summary) -> str | None:
 
 
 def accuracy_figure(summary: Summary, path: Path) -> None:
-    models = _models(summary)
+    """Per group: each seed's test accuracy as a dot, the mean and its 95% interval beside; and each pair's
+    paired differences the same way."""
+    models, pairs = _models(summary), _pairs(summary)
     labels = [group_label(g, summary) for g in summary.groups]
     x = np.arange(len(labels))
-    has_diff = any(g.diff for g in summary.groups)
-    fig, axes = plt.subplots(1, 2 if has_diff else 1, figsize=(min(4 + 1.1 * len(labels), 16) * (1.6 if has_diff else 1), 4.2),
+    fig, axes = plt.subplots(1, 1 + len(pairs), figsize=(min(4 + 1.1 * len(labels), 16) * (1 + 0.6 * len(pairs)), 4.2),
                              layout="constrained", squeeze=False)
     ax = axes[0, 0]
     width = 0.8 / max(1, len(models))
     for i, model in enumerate(models):
-        estimates = [g.metrics.get(model, {}).get("test_acc") for g in summary.groups]
-        _points(ax, x + (i - (len(models) - 1) / 2) * width, estimates, color(model), label(model))
-    ax.set(title="Test accuracy per group (mean, 95% CI)", ylabel="test accuracy (%)")
+        _marks(ax, x + (i - (len(models) - 1) / 2) * width, [_values(g, model) for g in summary.groups],
+               [g.metrics.get(model, {}).get("test_acc") for g in summary.groups], color(model), label(model), width)
+    ax.set(title="Test accuracy per group: each seed, mean and 95% CI", ylabel="test accuracy (%)")
     _group_axis(ax, x, labels)
-    ax.legend()
-    if has_diff:
-        ax = axes[0, 1]
-        _points(ax, x, [g.diff for g in summary.groups], DIFF_COLOR, "paired difference")
+    ax.legend(fontsize=8)
+    for ax, (a, b) in zip(axes[0, 1:], pairs):
+        _marks(ax, x, [_values(g, a, b) for g in summary.groups], [g.pairs.get((a, b)) for g in summary.groups],
+               DIFF_COLOR, "paired difference", 0.8)
         ax.axhline(0, color="black", lw=0.8)
-        ax.set(title=f"{label(models[0])} − {label(models[1])}, paired over seeds (mean, 95% CI)",
-               ylabel="difference (accuracy points)")
+        ax.set(title=f"{label(a)} − {label(b)}, paired per seed (mean, 95% CI)", ylabel="difference (accuracy points)")
         _group_axis(ax, x, labels)
     save_figure(fig, path, DPI)
 
 
 def curve_figure(summary: Summary, key: str, path: Path) -> None:
-    models = _models(summary)
+    """Accuracy against `key` at each measured value: each seed as a dot, the mean with its 95% interval.
+    No line joins the values: between them nothing was measured."""
+    models, pairs = _models(summary), _pairs(summary)
     xs = np.array([float(g.params[key]) for g in summary.groups])
-    has_diff = any(g.diff for g in summary.groups)
-    fig, axes = plt.subplots(1, 2 if has_diff else 1, figsize=(11 if has_diff else 6, 4.2), layout="constrained",
+    log = key in LOG_AXIS and (xs > 0).all()
+    fig, axes = plt.subplots(1, 1 + len(pairs), figsize=(6 + 5 * len(pairs), 4.2), layout="constrained",
                              squeeze=False)
+    # Side by side at each value, each model a little apart: a fraction of the gap to the nearest value.
+    positions = np.log(xs) if log else xs
+    gap = np.diff(np.sort(positions)).min() if len(xs) > 1 else 1.0
+    width = 0.5 * gap / max(1, len(models))
     ax = axes[0, 0]
-    for model in models:
-        _band(ax, xs, [g.metrics.get(model, {}).get("test_acc") for g in summary.groups], color(model), label(model))
-    ax.set(title=f"Test accuracy against {key} (mean, 95% band)", ylabel="test accuracy (%)")
-    ax.legend()
-    axes_used = [ax]
-    if has_diff:
-        ax = axes[0, 1]
-        _band(ax, xs, [g.diff for g in summary.groups], DIFF_COLOR, "paired difference")
+    for i, model in enumerate(models):
+        shift = (i - (len(models) - 1) / 2) * width
+        at = np.exp(positions + shift) if log else positions + shift
+        _marks(ax, at, [_values(g, model) for g in summary.groups],
+               [g.metrics.get(model, {}).get("test_acc") for g in summary.groups], color(model), label(model),
+               width, log)
+    ax.set(title=f"Test accuracy against {key}: each seed, mean and 95% CI", ylabel="test accuracy (%)")
+    ax.legend(fontsize=8)
+    for ax, (a, b) in zip(axes[0, 1:], pairs):
+        _marks(ax, xs, [_values(g, a, b) for g in summary.groups], [g.pairs.get((a, b)) for g in summary.groups],
+               DIFF_COLOR, "paired difference", width, log)
         ax.axhline(0, color="black", lw=0.8)
-        ax.set(title=f"{label(models[0])} − {label(models[1])}, paired over seeds", ylabel="difference (accuracy points)")
-        axes_used.append(ax)
-    for ax in axes_used:
-        ax.set_xlabel(AXIS_LABELS.get(key, key))
-        if key in LOG_AXIS and (xs > 0).all():
+        ax.set(title=f"{label(a)} − {label(b)}, paired per seed", ylabel="difference (accuracy points)")
+    for ax in axes[0]:
+        ax.set_xlabel(AXIS_LABELS.get(key, key) + (" (log axis; only the marked values were run)" if log else ""))
+        if log:
             ax.set_xscale("log")
         ax.set_xticks(xs, [_value(g.params[key]) for g in summary.groups])
         ax.minorticks_off()
@@ -259,20 +283,28 @@ def curve_figure(summary: Summary, key: str, path: Path) -> None:
     save_figure(fig, path, DPI)
 
 
-def _points(ax, x, estimates: list[Estimate | None], color, name: str) -> None:
-    """Means with 95% CI error bars; a group with one run shows its point without a bar."""
+def _values(group: Group, model: str, minus: str | None = None) -> list[float]:
+    """Each seed's test accuracy of `model` in the group (minus `minus`'s, seed by seed)."""
+    return [e.metrics[model]["test_acc"] - (e.metrics[minus]["test_acc"] if minus else 0.0)
+            for e in group.experiments if "test_acc" in e.metrics.get(model, {})
+            and (minus is None or "test_acc" in e.metrics.get(minus, {}))]
+
+
+def _marks(ax, x, values: list[list[float]], estimates: list[Estimate | None], color, name: str, width: float,
+           log: bool = False) -> None:
+    """At each x: the seeds' values as small dots (spread a little sideways), and the mean with its 95% CI
+    as a larger mark with error bars beside them; a group of one run shows its dot and its mean only."""
+    offset = width * 0.25
+    for xi, vals in zip(x, values):
+        if vals:
+            spread = np.linspace(-offset / 2, offset / 2, len(vals)) if len(vals) > 1 else np.zeros(1)
+            at = xi * np.exp(spread - offset / 2) if log else xi + spread - offset / 2
+            ax.scatter(at, 100 * np.asarray(vals), s=10, color=color, alpha=0.55, lw=0, zorder=2)
     means = np.array([100 * e.mean if e else np.nan for e in estimates])
     low = np.array([100 * (e.mean - e.ci95[0]) if e and e.ci95 else 0.0 for e in estimates])
     high = np.array([100 * (e.ci95[1] - e.mean) if e and e.ci95 else 0.0 for e in estimates])
-    ax.errorbar(x, means, yerr=[low, high], fmt="o", color=color, capsize=4, label=name)
-
-
-def _band(ax, xs, estimates: list[Estimate | None], color, name: str) -> None:
-    means = np.array([100 * e.mean if e else np.nan for e in estimates])
-    low = np.array([100 * e.ci95[0] if e and e.ci95 else np.nan for e in estimates])
-    high = np.array([100 * e.ci95[1] if e and e.ci95 else np.nan for e in estimates])
-    ax.plot(xs, means, "-o", color=color, label=name)
-    ax.fill_between(xs, low, high, color=color, alpha=0.2, lw=0)
+    at = np.asarray(x, dtype=float) * (np.exp(offset / 2) if log else 1) + (0 if log else offset / 2)
+    ax.errorbar(at, means, yerr=[low, high], fmt="o", ms=5, color=color, capsize=4, label=name, zorder=3)
 
 
 def _group_axis(ax, x, labels: list[str]) -> None:
@@ -286,6 +318,13 @@ def _models(summary: Summary) -> list[str]:
     for g in summary.groups:
         models += [m for m in g.models if m not in models]
     return models
+
+
+def _pairs(summary: Summary) -> list[tuple[str, str]]:
+    pairs: list[tuple[str, str]] = []
+    for g in summary.groups:
+        pairs += [p for p in g.pairs if p not in pairs]
+    return pairs
 
 
 def _count(n: int, noun: str) -> str:

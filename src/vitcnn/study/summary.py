@@ -13,6 +13,7 @@ answers "is the gap real".
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from collections import defaultdict
@@ -25,6 +26,12 @@ from vitcnn.study.experiments import SUMMARIZED, Baseline, Experiment
 
 SEED = "seed"
 CONFIDENCE = 0.95
+UNIT = (0.0, 1.0)
+POSITIVE = (0.0, math.inf)
+# What each summarized metric can be: its interval is clipped to this range.
+BOUNDS = {"test_acc": UNIT, "corruption_acc": UNIT, "ece": UNIT, "ece_ts": UNIT, "train_time_s": POSITIVE,
+          "train_images_per_s": POSITIVE}
+DIFF_BOUNDS = (-1.0, 1.0)  # a difference of two accuracies
 
 
 @dataclass
@@ -35,12 +42,15 @@ class Estimate:
     mean: float
     std: float | None
     ci95: tuple[float, float] | None
+    clipped: bool = False  # the t interval crossed what the quantity allows, and was cut there
 
     def as_dict(self) -> dict[str, Any]:
-        return {"mean": self.mean, "std": self.std, "ci95": list(self.ci95) if self.ci95 else None}
+        return {"mean": self.mean, "std": self.std, "ci95": list(self.ci95) if self.ci95 else None,
+                "clipped": self.clipped}
 
 
-def estimate(values: list[float]) -> Estimate:
+def estimate(values: list[float], bounds: tuple[float, float] = (-math.inf, math.inf)) -> Estimate:
+    """n, mean, sample std and the 95% Student t interval of the mean, clipped to `bounds`."""
     n = len(values)
     mean = math.fsum(values) / n
     if n < 2:
@@ -49,7 +59,8 @@ def estimate(values: list[float]) -> Estimate:
     if std == 0:  # identical runs (deterministic training): the interval is the point
         return Estimate(n, mean, 0.0, (mean, mean))
     low, high = stats.t.interval(CONFIDENCE, n - 1, loc=mean, scale=std / math.sqrt(n))
-    return Estimate(n, mean, std, (float(low), float(high)))
+    clipped = (max(float(low), bounds[0]), min(float(high), bounds[1]))
+    return Estimate(n, mean, std, clipped, clipped != (float(low), float(high)))
 
 
 @dataclass
@@ -59,12 +70,17 @@ class Group:
     models: tuple[str, ...]
     experiments: list[Experiment]  # successful, one per seed
     metrics: dict[str, dict[str, Estimate]] = field(default_factory=dict)  # {model: {metric: estimate}}
-    diff: Estimate | None = None  # paired models[0] - models[1] test accuracy
+    pairs: dict[tuple[str, str], Estimate] = field(default_factory=dict)  # paired a - b test accuracy, each pair
     duplicates: list[str] = field(default_factory=list)  # older runs of a seed already in the group
 
     @property
     def seeds(self) -> list[int]:
         return [e.params.get(SEED) for e in self.experiments]
+
+    @property
+    def diff(self) -> Estimate | None:
+        """The paired difference of the first two models (ViT - CNN), the one most tables show."""
+        return self.pairs.get(self.models[:2]) if len(self.models) >= 2 else None
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -77,6 +93,7 @@ class Group:
             "metrics": {m: {k: e.as_dict() for k, e in values.items()} for m, values in self.metrics.items()},
             "diff_test_acc": self.diff.as_dict() if self.diff else None,
             "diff_models": list(self.models[:2]) if self.diff else None,
+            "pairs": [{"a": a, "b": b, "diff_test_acc": e.as_dict()} for (a, b), e in self.pairs.items()],
             "duplicates": self.duplicates,
         }
 
@@ -122,10 +139,12 @@ def summarize(experiments: list[Experiment], baselines: list[Baseline], model_or
         group = Group(params={k: first.params.get(k) for k in varying}, baseline=first.baseline, models=models,
                       experiments=kept, duplicates=duplicates)
         for model in models:
-            group.metrics[model] = {metric: estimate([e.metrics[model][metric] for e in kept])
+            group.metrics[model] = {metric: estimate([e.metrics[model][metric] for e in kept], BOUNDS[metric])
                                     for metric in SUMMARIZED if all(metric in e.metrics[model] for e in kept)}
-        if len(models) >= 2 and all("test_acc" in e.metrics[m] for e in kept for m in models[:2]):
-            group.diff = estimate([e.metrics[models[0]]["test_acc"] - e.metrics[models[1]]["test_acc"] for e in kept])
+        for a, b in itertools.combinations(models, 2):
+            if all("test_acc" in e.metrics[m] for e in kept for m in (a, b)):
+                group.pairs[(a, b)] = estimate([e.metrics[a]["test_acc"] - e.metrics[b]["test_acc"] for e in kept],
+                                               DIFF_BOUNDS)
         groups.append(group)
     groups.sort(key=lambda g: (g.baseline, g.models, [_sortable(g.params[k]) for k in varying]))
 
@@ -138,6 +157,10 @@ def summarize(experiments: list[Experiment], baselines: list[Baseline], model_or
             f"{', '.join(m)}" for m in sorted(model_sets)) + "); they are grouped apart")
     if any(len(g.experiments) == 1 for g in groups):
         notes.append("a group with one seed has a mean only: a standard deviation and a confidence interval need >= 2 seeds")
+    estimates = [e for g in groups for e in [*(x for m in g.metrics.values() for x in m.values()), *g.pairs.values()]]
+    if any(e.clipped for e in estimates):
+        notes.append("some 95% t intervals reached beyond what the quantity allows (an accuracy below 0% or above "
+                     "100%, a time below 0) and are clipped there; so few seeds say little about the spread")
     if any(g.duplicates for g in groups):
         notes.append("a seed run more than once in a group counts once (its latest run); the others are listed as duplicates")
     split_seeds = {e.params.get("data.split_seed") for e in done}
