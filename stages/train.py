@@ -14,6 +14,7 @@ import torch
 # the code DVC hashed for it there, not the copy an editable install points to.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from vitcnn import paths
 from vitcnn.checkpoint import fingerprint
 from vitcnn.cli import run_stage
 from vitcnn.config import load_params, params_dict, recipe_for
@@ -25,25 +26,24 @@ from vitcnn.models.store import build_model, count_params, model_params, save_mo
 from vitcnn.runtime import keep_freed_memory, resolve_device, seed_everything, use_deterministic
 from vitcnn.train import fit
 
-PREPARED = Path("data/prepared")
-
 
 def main() -> None:
     if len(sys.argv) != 2 or sys.argv[1] not in MODELS:
         raise UserError(f"usage: python stages/train.py {{{'|'.join(MODELS)}}}")
     name = sys.argv[1]
-    params = load_params()
+    params = load_params(models=[name])  # this model's section only: another model's is its own stages' business
     device = resolve_device(params.device)
     keep_freed_memory()
-    meta = load_meta(PREPARED)
-    train, val = load_split(PREPARED, "train"), load_split(PREPARED, "val")
+    meta = load_meta(paths.PREPARED)
+    train, val = load_split(paths.PREPARED, "train"), load_split(paths.PREPARED, "val")
 
     recipe = recipe_for(params, name)  # train.*, with this model's own recipe keys
     mean, std = normalization(meta, recipe.normalization)
     use_deterministic(recipe.deterministic)
     seed_everything(params.seed)
     section = getattr(params, name)
-    model = build_model(name, len(meta["classes"]), section)
+    image_size = meta["image_shape"][0]
+    model = build_model(name, len(meta["classes"]), section, image_size)
     n_params = count_params(model)
     print(f"train_{name}: {n_params:,} parameters, {len(train)} train / {len(val)} val images on {device}")
 
@@ -52,9 +52,9 @@ def main() -> None:
               f"acc {row['train_acc']:.4f} val_loss {row['val_loss']:.4f} val_acc {row['val_acc']:.4f} "
               f"({row['epoch_time_s']:.1f}s, {row['images_per_s']:.0f} img/s)", flush=True)
 
-    checkpoint = Path("checkpoints") / name / "last.pt"
+    checkpoint = paths.checkpoint(name)
     run_id = fingerprint(params.seed, params.device, recipe, section,
-                         files=(PREPARED / "train.safetensors", PREPARED / "val.safetensors"))
+                         files=(paths.PREPARED / "train.safetensors", paths.PREPARED / "val.safetensors"))
     try:
         result = fit(model, train, val, recipe, mean, std, device, params.seed, name=name, on_epoch=report,
                      checkpoint=checkpoint, fingerprint=run_id)
@@ -64,13 +64,14 @@ def main() -> None:
                         f"try {max(1, recipe.batch_size // 2)}, or a smaller model") from None
     model.load_state_dict(result.state)
 
-    config = {"name": name, "num_classes": len(meta["classes"]), "params": params_dict(model_params(name, section)),
-              "classes": meta["classes"], "mean": mean, "std": std, "best_epoch": result.best_epoch}
-    save_model(model, Path("models") / name, config)
+    config = {"name": name, "num_classes": len(meta["classes"]), "image_size": image_size,
+              "params": params_dict(model_params(name, section)), "classes": meta["classes"], "mean": mean, "std": std,
+              "best_epoch": result.best_epoch, "train_time_s": round(result.train_time_s, 2)}
+    save_model(model, paths.model_dir(name), config)
     history = result.history
-    write_csv(Path("plots/train") / f"{name}.csv", list(history[0]), [list(r.values()) for r in history])
+    write_csv(paths.history(name), list(history[0]), [list(r.values()) for r in history])
     speeds = sorted(r["images_per_s"] for r in history)
-    write_json(Path("metrics") / f"train_{name}.json", {
+    write_json(paths.train_metrics(name), {
         "val_acc": history[result.best_epoch - 1]["val_acc"],
         "best_epoch": result.best_epoch,
         "final_val_acc": history[-1]["val_acc"],

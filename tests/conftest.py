@@ -32,6 +32,8 @@ import pytest  # noqa: E402
 import yaml  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from vitcnn.models import MODELS, REGISTRY  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # The real CIFAR-10 class names, written to disk in a scrambled order: readers must sort them.
@@ -248,8 +250,8 @@ def make_tiny_project(base: Path, pythonpath: list[Path] = (), env: dict | None 
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["data"].update(source=TINY_SOURCE, val_size=20)
     params["train"].update(epochs=1, batch_size=16)
-    params["vit"].update(embed_dim=16, depth=1, num_heads=2)
-    params["cnn"].update(channels=[8, 16])
+    for name in MODELS:  # every registered model, small
+        params[name].update(REGISTRY[name].tiny)
     params["evaluate"].update(latency_runs=2, throughput_batches=1)
     params["visualize"].update(num_images=2)
     params["robustness"].update(subset=0, severities=[1, 5], occlusion_fractions=[0.5])

@@ -18,7 +18,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vitcnn import explain
+from vitcnn import compare, explain
+from vitcnn import report as report_text
 from vitcnn import visualize as viz
 from vitcnn.data import FIXED_MEAN, FIXED_STD, write_prepared
 from vitcnn.io import write_csv, write_json
@@ -27,19 +28,17 @@ from vitcnn.models.store import build_model, save_model
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
-TINY = {
-    "vit": {"patch_size": 8, "embed_dim": 8, "depth": 2, "num_heads": 2, "mlp_ratio": 2.0, "dropout": 0.1},
-    "cnn": {"channels": [4, 8]},
-}
+# The rollout tests need two layers and a coarse grid: on top of the registry's tiny ViT.
+TINY = {"vit": {"patch_size": 8, "depth": 2, "dropout": 0.1}}
 
 
 def tiny_params(name: str, **overrides):
-    return dataclasses.replace(REGISTRY[name].params(), **{**TINY[name], **overrides})
+    return dataclasses.replace(REGISTRY[name].params(), **{**REGISTRY[name].tiny, **TINY.get(name, {}), **overrides})
 
 
 def tiny(name: str, **overrides) -> torch.nn.Module:
     torch.manual_seed(0)
-    return build_model(name, len(CLASSES), tiny_params(name, **overrides)).eval()
+    return build_model(name, len(CLASSES), tiny_params(name, **overrides), 32).eval()
 
 
 def images(batch: int = 3, seed: int = 0) -> torch.Tensor:
@@ -106,7 +105,7 @@ def test_a_cls_readouts_attention_is_each_layers_and_heads_own_cls_row():
     model = tiny("vit")
     attention, readout = attention_of(model, images(batch=2))
     maps = explain.readout_attention(attention, readout, model.grid_size)
-    depth, heads, grid = TINY["vit"]["depth"], TINY["vit"]["num_heads"], model.grid_size
+    depth, heads, grid = tiny_params("vit").depth, tiny_params("vit").num_heads, model.grid_size
     assert maps.shape == (2, depth, heads, grid, grid)
     for layer in range(depth):
         for head in range(heads):
@@ -168,9 +167,9 @@ def test_confident_mistakes_are_wrong_most_confident_first_and_of_the_wanted_cla
     predicted = np.array([1, 1, 0, 2, 2, 2, 1])
     confidence = np.array([0.6, 0.99, 0.7, 0.9, 0.8, 0.95, 0.6])
     names = CLASSES[:3]
-    assert viz.confident_mistakes(actual, predicted, confidence, names, [], 10).tolist() == [3, 4, 2, 0, 6]
-    assert viz.confident_mistakes(actual, predicted, confidence, names, [], 2).tolist() == [3, 4]
-    assert viz.confident_mistakes(actual, predicted, confidence, names, ["airplane"], 10).tolist() == [3, 0, 6]
+    assert compare.confident_mistakes(actual, predicted, confidence, names, [], 10).tolist() == [3, 4, 2, 0, 6]
+    assert compare.confident_mistakes(actual, predicted, confidence, names, [], 2).tolist() == [3, 4]
+    assert compare.confident_mistakes(actual, predicted, confidence, names, ["airplane"], 10).tolist() == [3, 0, 6]
 
 
 def test_the_reliability_diagram_labels_each_bin_with_its_images_and_marks_the_few(tmp_path, monkeypatch):
@@ -217,6 +216,12 @@ PAIRED = [{"a": "vit", "b": "cnn",  # as plots/robustness/paired.json writes the
 RECIPES = {"vit": {"optimizer": "adamw", "lr": 0.001, "epochs": 2}, "cnn": {"optimizer": "sgd", "lr": 0.1, "epochs": 2}}
 
 
+def of(table: dict, name: str) -> dict:
+    """A fixture's entry for `name`; a model registered after these two gets the CNN's (its own numbers
+    are not what these tests read)."""
+    return table.get(name, table["cnn"])
+
+
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Path:
     """Everything the visualize stage reads, tiny and generated; then the stage, run once."""
@@ -227,8 +232,10 @@ def project(tmp_path_factory) -> Path:
     write_prepared(root / "data/prepared", splits, {"dataset": "cifar10", "classes": CLASSES,
                                                      "counts": {k: len(v[1]) for k, v in splits.items()}})
     actual = splits["test"][1]
-    for name in MODELS:
-        config = {"name": name, "num_classes": 10, "params": dataclasses.asdict(tiny_params(name)), "classes": CLASSES,
+    per_class, robustness_rows = [], {kind: [] for kind in ("corruptions", "occlusion", "reliability", "reliability_ts")}
+    for k, name in enumerate(MODELS):
+        config = {"name": name, "num_classes": 10, "image_size": 32, "train_time_s": of(METRICS, name)["train_time_s"],
+                  "params": dataclasses.asdict(tiny_params(name)), "classes": CLASSES,
                   "mean": list(FIXED_MEAN), "std": list(FIXED_STD), "best_epoch": 2}
         save_model(tiny(name), root / "models" / name, config)
         write_csv(root / "plots/train" / f"{name}.csv",
@@ -236,26 +243,29 @@ def project(tmp_path_factory) -> Path:
                   [[1, 2.3, 0.1, 2.2, 0.15, 3e-4], [2, 2.0, 0.2, 2.1, 0.2, 1e-4]])
         predicted = rng.integers(0, 10, len(actual))
         confidence = rng.uniform(0.1, 1.0, len(actual)).round(6)
-        write_csv(root / "plots/evaluate" / f"{name}_predictions.csv", ["actual", "predicted", "confidence"],
-                  [(CLASSES[a], CLASSES[p], c) for a, p, c in zip(actual, predicted, confidence)])
+        write_csv(root / "plots/evaluate/predictions" / f"{name}.csv",
+                  ["actual", "predicted", "actual_index", "predicted_index", "confidence"],
+                  [(CLASSES[a], CLASSES[p], a, p, c) for a, p, c in zip(actual, predicted, confidence)])
         write_json(root / "metrics" / f"train_{name}.json",
                    {"val_acc": 0.2, "best_epoch": 2, "final_val_acc": 0.2, "epochs": 2, "device": "cpu",
-                    "precision": "float32", "train_time_s": METRICS[name]["train_time_s"],
-                    "params": METRICS[name]["params"], "recipe": RECIPES[name]})
-    for name, accuracy in (("vit", lambda i: 0.05 * i), ("cnn", lambda i: 0.9 - 0.05 * i)):
-        write_csv(root / "plots/evaluate/per_class" / f"{name}.csv", ["class", "accuracy"],
-                  [[c, round(accuracy(i), 6)] for i, c in enumerate(CLASSES)])
-    write_json(root / "metrics/evaluate.json", METRICS)
-    write_json(root / "metrics/robustness.json", ROBUSTNESS)
-    write_json(root / "plots/robustness/paired.json", PAIRED)
-    for name in MODELS:
-        write_csv(root / "plots/robustness/corruptions" / f"{name}.csv", ["corruption", "severity", "accuracy"],
-                  [[c, s, 0.5 - 0.05 * s] for c in ("gaussian_noise", "contrast") for s in (1, 3, 5)])
-        write_csv(root / "plots/robustness/occlusion" / f"{name}.csv", ["fraction", "patches", "box"],
-                  [[f, 0.6 - f / 2, 0.6 - f / 3] for f in (0.0, 0.5)])
+                    "precision": "float32", "train_time_s": of(METRICS, name)["train_time_s"],
+                    "params": of(METRICS, name)["params"], "recipe": of(RECIPES, name)})
+        accuracy = (lambda i: 0.05 * i) if name == "vit" else (lambda i: 0.9 - 0.05 * i)
+        per_class += [[name, c, round(accuracy(i), 6)] for i, c in enumerate(CLASSES)]
+        robustness_rows["corruptions"] += [[name, c, s, 0.5 - 0.05 * s] for c in ("gaussian_noise", "contrast")
+                                           for s in (1, 3, 5)]
+        robustness_rows["occlusion"] += [[name, f, 0.6 - f / 2, 0.6 - f / 3] for f in (0.0, 0.5)]
         for kind in ("reliability", "reliability_ts"):
-            write_csv(root / "plots/robustness" / kind / f"{name}.csv", ["confidence", "accuracy", "count", "lower",
-                      "upper"], [[0.3, 0.25, 10, 0.2, 0.4], [0.7, 0.8, 20, 0.6, 0.8]])
+            robustness_rows[kind] += [[name, 0.3, 0.25, 10, 0.2, 0.4], [name, 0.7, 0.8, 20, 0.6, 0.8]]
+    write_csv(root / "plots/evaluate/per_class.csv", ["model", "class", "accuracy"], per_class)
+    write_json(root / "metrics/evaluate.json", {name: of(METRICS, name) for name in MODELS})
+    write_json(root / "metrics/robustness.json", {name: of(ROBUSTNESS, name) for name in MODELS})
+    write_json(root / "plots/robustness/paired.json", PAIRED)
+    headers = {"corruptions": ["corruption", "severity", "accuracy"], "occlusion": ["fraction", "patches", "box"],
+               "reliability": ["confidence", "accuracy", "count", "lower", "upper"],
+               "reliability_ts": ["confidence", "accuracy", "count", "lower", "upper"]}
+    for kind, rows in robustness_rows.items():
+        write_csv(root / "plots/robustness" / f"{kind}.csv", ["model", *headers[kind]], rows)
     (root / "params.yaml").write_text("visualize:\n  num_images: 3\n  mistakes: 2\n  dpi: 40\n")
 
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
@@ -283,7 +293,7 @@ def test_report_reads_robustness_and_calibration_from_its_metrics(project):
     assert ("Under corruption the ViT keeps 75% of its clean accuracy and the CNN 62%: ViT − CNN +12.5 points "
             "[95% CI +5.0, +20.0] (paired bootstrap over the 30 images); the ViT degrades more gracefully.") in report
     assert ("With a central box removed (accuracy averaged over the fractions): ViT − CNN -5.0 points "
-            "[95% CI -9.0, -1.0]; the CNN is the more accurate.") in report
+            "[95% CI -9.0, -1.0] over the 30 images; the CNN is the more accurate.") in report
     assert "With random patches removed" not in report  # no interval for it in paired.json: no sentence
     assert ("ViT 0.031, CNN 0.082; ViT − CNN -0.051 [too few images for an interval] over the 30 test images; "
             "neither is clearly better calibrated (too few images to tell).") in report
@@ -300,17 +310,21 @@ def test_report_lists_what_differs_and_links_every_figure(project):
     assert "| `optimizer` (recipe) | adamw | sgd |" in report  # what each model was trained with
     assert "`epochs` (recipe) = 2" in report  # shared by all
     links = re.findall(r"\]\(([^)]+\.png)\)", report)
-    assert {f"images/{stem}.png" for stem in viz.figure_captions(list(REGISTRY.values()))} <= set(links)
-    assert any(link.startswith("images/vit_heads/") for link in links)
+    assert {f"images/{stem}.png" for stem in report_text.figure_captions(list(REGISTRY.values()))} <= set(links)
+    assert any(link.startswith("heads/vit/") for link in links)
     for link in links:
         assert (project / "plots" / link).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", link
 
 
-def test_stage_writes_per_model_data_for_dvc_plots(project):
+def test_stage_writes_every_models_data_for_dvc_plots(project):
+    with open(project / "plots/compare/tradeoff.csv", newline="") as f:
+        rows = {row["model"]: row for row in csv.DictReader(f)}
+    assert list(rows) == MODELS
     for name in MODELS:
-        with open(project / "plots/compare/tradeoff" / f"{name}.csv", newline="") as f:
-            (row,) = list(csv.DictReader(f))
-        assert row["model"] == REGISTRY[name].label
-        assert {k: row[k] for k in viz.TRADEOFF_FIELDS} == {k: str(METRICS[name][k]) for k in viz.TRADEOFF_FIELDS}
-    heads = sorted((project / "plots/images/vit_heads").glob("*.png"))
+        expected = of(METRICS, name)
+        assert {k: rows[name][k] for k in compare.TRADEOFF_FIELDS} == {k: str(expected[k]) for k in compare.TRADEOFF_FIELDS}
+    with open(project / "plots/compare/history.csv", newline="") as f:
+        history = list(csv.DictReader(f))
+    assert [(r["model"], r["epoch"]) for r in history] == [(n, e) for n in MODELS for e in ("1", "2")]
+    heads = sorted((project / "plots/heads/vit").glob("*.png"))
     assert len(heads) == 3

@@ -12,12 +12,11 @@ import torch
 from vitcnn import explain
 from vitcnn.config import Params
 from vitcnn.models import MODELS, REGISTRY
+from vitcnn.models.spec import Attention
 from vitcnn.models.store import build_model, count_params, load_model, save_model
 
-# Small versions of each registered model (a model without an entry is tested at its defaults).
-TINY = {"vit": {"patch_size": 4, "embed_dim": 8, "depth": 1, "num_heads": 2, "mlp_ratio": 2.0, "stem_channels": 4},
-        "cnn": {"channels": [4, 8]}}
-# Every variant params.yaml can ask for, on top of TINY: each must build, train and show where it looks.
+# Every variant params.yaml can ask for, on top of each model's tiny config (its registry entry's): each must
+# build, train and show where it looks.
 VARIANTS = [(name, {}) for name in MODELS] + [
     ("vit", {"stem": "conv", "stem_layers": 2, "pooling": "seq", "drop_path": 0.2}),
     ("vit", {"stem": "conv", "stem_layers": 1, "pooling": "cls", "attn_dropout": 0.0}),
@@ -29,12 +28,12 @@ VARIANT_IDS = [f"{name}-{'-'.join(f'{k}={v}' for k, v in variant.items()) or 'de
 
 
 def tiny_params(name: str, **overrides):
-    return dataclasses.replace(REGISTRY[name].params(), **{**TINY.get(name, {}), **overrides})
+    return dataclasses.replace(REGISTRY[name].params(), **{**REGISTRY[name].tiny, **overrides})
 
 
 def tiny(name: str, num_classes: int = 10, **overrides) -> torch.nn.Module:
     torch.manual_seed(0)
-    return build_model(name, num_classes, tiny_params(name, **overrides))
+    return build_model(name, num_classes, tiny_params(name, **overrides), 32)
 
 
 def images(batch: int = 3, seed: int = 0) -> torch.Tensor:
@@ -61,7 +60,7 @@ DEFAULT_WEIGHTS = {
 def test_resnet9_is_the_cifar10_fast_network():
     from vitcnn.models.cnn.model import Residual
 
-    model = build_model("cnn", 10, dataclasses.replace(REGISTRY["cnn"].params(), block="resnet9"))
+    model = build_model("cnn", 10, dataclasses.replace(REGISTRY["cnn"].params(), block="resnet9"), 32)
     assert count_params(model) == 6_573_120  # Page's ResNet-9: bias-free convs, a bias-free head
     assert not any(m.bias is not None for m in model.modules() if isinstance(m, torch.nn.Conv2d | torch.nn.Linear))
     sizes = [m.shape[1:] for m in model.feature_maps(images(batch=1))]
@@ -75,7 +74,7 @@ def test_resnet9_is_the_cifar10_fast_network():
 @pytest.mark.parametrize("name", DEFAULT_WEIGHTS)
 def test_default_params_give_the_original_models_parameters_and_weights(name):
     torch.manual_seed(0)
-    model = build_model(name, 10, getattr(Params(), name))
+    model = build_model(name, 10, getattr(Params(), name), 32)
     count, digest = DEFAULT_WEIGHTS[name]
     assert count_params(model) == count
     assert sum(p.numel() for p in model.parameters()) == count
@@ -100,7 +99,7 @@ def test_a_training_step_reaches_every_parameter_with_a_finite_gradient(name, va
 @pytest.mark.parametrize("name, variant", VARIANTS, ids=VARIANT_IDS)
 def test_every_model_shows_where_it_looks(name, variant):
     model, x = tiny(name, **variant).eval(), images(batch=2)
-    if REGISTRY[name].explains == "attention":
+    if isinstance(REGISTRY[name].explains[0], Attention):
         with torch.no_grad():
             logits, maps, readout = model.forward_with_attention(x)
             torch.testing.assert_close(logits, model(x), atol=1e-5, rtol=1e-4)
@@ -118,8 +117,10 @@ def test_every_model_shows_where_it_looks(name, variant):
         cam = explain.gradcam(model, x, torch.tensor([1, 2]))
         assert cam.shape == (2, 32, 32) and (cam >= 0).all()
         blocks = model.feature_maps(x)
-        stem = variant.get("block") == "resnet9"  # a stem at full resolution, then the pooling layers
-        assert [m.shape[-1] for m in blocks] == [32 >> (i + 1 - stem) for i in range(len(blocks))]
+        if name == "cnn":
+            stem = variant.get("block") == "resnet9"  # a stem at full resolution, then the pooling layers
+            assert [m.shape[-1] for m in blocks] == [32 >> (i + 1 - stem) for i in range(len(blocks))]
+        assert all(m.ndim == 4 and m.shape[0] == 2 for m in blocks)
         assert torch.equal(blocks[-1], model.forward_features(x))
 
 
@@ -183,7 +184,7 @@ def test_saved_model_reproduces_the_same_logits(name, variant, tmp_path):
     x = images(batch=3, seed=99)
     with torch.no_grad():
         expected = model(x)
-    save_model(model, tmp_path / name, {"name": name, "num_classes": 10,
+    save_model(model, tmp_path / name, {"name": name, "num_classes": 10, "image_size": 32,
                                         "params": dataclasses.asdict(tiny_params(name, **variant))})
 
     loaded, config = load_model(tmp_path / name)

@@ -8,6 +8,7 @@ A copy of the project (dvc.yaml, params.yaml, stages/, src/) runs in a fresh git
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import re
 import shutil
@@ -19,15 +20,47 @@ import pytest
 import yaml
 
 from conftest import dvc, make_tiny_project, run
+from vitcnn import paths
+from vitcnn.models import MODELS
 
 pytestmark = pytest.mark.slow
 
-MODELS = ("vit", "cnn")
-
-# Put first on PYTHONPATH while the stages run: each stage process records, at exit, which
-# files of the project it imported, so the test can check them against the stage's deps.
+# Put first on PYTHONPATH while the stages run: each stage process records, at exit, which files of the
+# project it imported and which it opened to read, so the test can check them against the stage's deps.
 IMPORT_RECORDER = """
-import atexit, json, os, sys
+import atexit, importlib.abc, importlib.machinery, json, os, sys
+
+opened = set()
+
+def _audit(event, args):
+    if event == "open" and args and isinstance(args[0], (str, bytes, os.PathLike)):
+        mode = args[1] if len(args) > 1 and isinstance(args[1], str) else "r"
+        flags = args[2] if len(args) > 2 and isinstance(args[2], int) else 0
+        if not any(c in mode for c in "wax+") and not flags & (os.O_WRONLY | os.O_RDWR):
+            opened.add(os.path.abspath(os.fsdecode(args[0])))
+
+sys.addaudithook(_audit)
+
+
+class _SafetensorsReads(importlib.abc.MetaPathFinder):
+    # safetensors reads its files in Rust, where no audit event fires: note the paths it is given
+    def find_spec(self, name, path, target=None):
+        if name != "safetensors.torch":
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        run = spec.loader.exec_module
+
+        def exec_module(module):
+            run(module)
+            load_file = module.load_file
+            module.load_file = lambda filename, *a, **k: (opened.add(os.path.abspath(filename)), load_file(filename, *a, **k))[1]
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+
+sys.meta_path.insert(0, _SafetensorsReads())
+
 
 def _record():
     if not sys.argv or not sys.argv[0].replace(os.sep, "/").startswith("stages/"):
@@ -38,9 +71,10 @@ def _record():
     native = sys.modules.get("vitcnn.kernels")
     if native is not None and native.cpu_kernels.cache_info().currsize:  # the C++ source was built or loaded
         used.append(os.path.relpath(native.SOURCE, root).replace(os.sep, "/"))
+    read = sorted(os.path.relpath(p, root).replace(os.sep, "/") for p in opened if p.startswith(root + os.sep))
     out = os.path.join(os.environ["VITCNN_IMPORT_LOG"], f"{os.getpid()}.json")
     with open(out, "w") as f:
-        json.dump({"argv": sys.argv, "modules": used}, f)
+        json.dump({"argv": sys.argv, "modules": used, "read": read}, f)
 
 atexit.register(_record)
 """
@@ -99,13 +133,14 @@ def test_repro_evaluates_both_models_on_the_test_split(project):
         assert m["inference_images_per_s"] > 0
         assert m["latency_ms"] > 0
         assert m["train_time_s"] >= 0
-        with open(repo / "plots" / "evaluate" / f"{name}_predictions.csv", newline="") as f:
+        with open(repo / paths.predictions(name), newline="") as f:
             rows = list(csv.reader(f))
         assert rows[0][:2] == ["actual", "predicted"]  # the columns DVC's confusion template reads
         assert len(rows) == 1 + TEST_IMAGES
         classes = read_json(repo / "models" / name / "config.json")["classes"]
         assert all(a in classes and p in classes for a, p, *_ in rows[1:])
         assert sorted(a for a, *_ in rows[1:]) == sorted(classes * 2)  # every test image, once
+        assert all(classes[int(i)] == a and classes[int(j)] == p for a, p, i, j, _ in rows[1:])  # indices beside
 
 
 def test_repro_measures_robustness_and_calibration(project):
@@ -120,16 +155,16 @@ def test_repro_measures_robustness_and_calibration(project):
         assert 0.05 <= m["temperature"] <= 20  # the search's bounds
         # The subset is the whole (tiny) test split here: its clean accuracy is evaluate's.
         assert m["subset_clean_acc"] == pytest.approx(evaluate[name]["test_acc"], abs=1e-6)
-        severity = read_csv(repo / "plots" / "robustness" / "severity" / f"{name}.csv")
+        severity = [r for r in read_csv(repo / paths.robustness_table("severity")) if r["model"] == name]
         assert [row["severity"] for row in severity] == ["0", "1", "5"]
-        occlusion = read_csv(repo / "plots" / "robustness" / "occlusion" / f"{name}.csv")
+        occlusion = [r for r in read_csv(repo / paths.robustness_table("occlusion")) if r["model"] == name]
         assert [float(row["fraction"]) for row in occlusion] == [0.0, 0.5]
         assert float(occlusion[0]["patches"]) == pytest.approx(m["subset_clean_acc"])
         for kind in ("reliability", "reliability_ts"):
-            bins = read_csv(repo / "plots" / "robustness" / kind / f"{name}.csv")
+            bins = [r for r in read_csv(repo / paths.robustness_table(kind)) if r["model"] == name]
             assert sum(int(b["count"]) for b in bins) == TEST_IMAGES
-    paired = read_json(repo / "plots" / "robustness" / "paired.json")
-    assert [(p["a"], p["b"]) for p in paired] == [tuple(MODELS)]  # one pair of the two registered models
+    paired = read_json(repo / paths.PAIRED)
+    assert [(p["a"], p["b"]) for p in paired] == list(itertools.combinations(MODELS, 2))  # each pair of models
     for key in ("relative_robustness", "occlusion_patches_acc", "occlusion_box_acc", "ece", "ece_ts"):
         # tiny data: an interval, or None where a resample has no ratio
         interval = paired[0][key]["ci95"]
@@ -150,20 +185,30 @@ def test_repro_draws_the_figures(project):
         assert (images / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_every_stage_lists_the_code_it_imports_as_deps(project):
-    # A module missing from a stage's deps means editing it does not rerun that stage.
+def _covered(path: str, deps: set[str]) -> bool:
+    return any(path == d or path.startswith(d.rstrip("/") + "/") for d in deps)
+
+
+def test_every_stage_declares_the_code_it_imports_and_the_files_it_reads(project):
+    # Code or data missing from a stage's deps means changing it does not rerun that stage. (Both ways, for
+    # the code, is tests/test_deps.py's; here what each stage really did.)
     stages = yaml.safe_load((project["repo"] / "dvc.yaml").read_text())["stages"]
-    runs = {" ".join(["python", *r["argv"]]): set(r["modules"]) for r in project["imports"]}
+    runs = {" ".join(["python", *r["argv"]]): r for r in project["imports"]}
     for name, stage in stages.items():
         assert stage["cmd"] in runs, f"no record of stage {name} running ({sorted(runs)})"
-        imported = runs[stage["cmd"]]
-        assert any(m.startswith("src/vitcnn/") for m in imported)
+        record = runs[stage["cmd"]]
+        assert any(m.startswith("src/vitcnn/") for m in record["modules"])
         deps = {d if isinstance(d, str) else next(iter(d)) for d in stage["deps"]}
         # src/vitcnn/__init__.py holds only the package docstring and version.
-        missing = sorted(imported - deps - {"src/vitcnn/__init__.py"})
+        missing = sorted(m for m in set(record["modules"]) - {"src/vitcnn/__init__.py"} if not _covered(m, deps))
         assert not missing, f"stage {name} imports {missing} but dvc.yaml does not list them as deps"
-        script = stage["cmd"].split()[1]
-        assert script in deps
+        assert stage["cmd"].split()[1] in deps
+        outs = {o if isinstance(o, str) else next(iter(o)) for o in stage.get("outs", [])}
+        data = [p for p in record["read"] if p.split("/")[0] in ("data", "models", "metrics", "plots")
+                and not _covered(p, outs)]
+        assert data or name == "prepare", f"stage {name} read no earlier stage's output"
+        unlisted = sorted(p for p in data if not _covered(p, deps))
+        assert not unlisted, f"stage {name} reads {unlisted} but dvc.yaml does not list them as deps"
 
 
 def test_dvc_metrics_show_lists_both_models(project):
@@ -172,8 +217,8 @@ def test_dvc_metrics_show_lists_both_models(project):
     evaluate = _find_metrics(shown, "metrics/evaluate.json")
     assert evaluate is not None, text
     assert set(MODELS) <= set(evaluate)
-    assert _find_metrics(shown, "metrics/train_vit.json") is not None
-    assert _find_metrics(shown, "metrics/train_cnn.json") is not None
+    for name in MODELS:
+        assert _find_metrics(shown, f"metrics/train_{name}.json") is not None
 
 
 def _find_metrics(node, filename: str):

@@ -19,7 +19,7 @@ from vitcnn.errors import DataError
 from vitcnn.robustness import (ModelRobustness, calibration, compare, correct, expected_calibration_error,
                                fit_temperature, load_official, measure, occlusion_masks, pick_subset)
 from vitcnn.runtime import predict
-from vitcnn.visualize import robustness_reading
+from vitcnn.report import robustness_reading
 
 CPU = torch.device("cpu")
 

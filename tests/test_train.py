@@ -19,11 +19,10 @@ from vitcnn.train import (EMA, TrainingError, TrainSteps, augmentation, fit, loa
                           mixing, train_step)
 
 CPU = torch.device("cpu")
-TINY = {"vit": {"embed_dim": 8, "depth": 1, "num_heads": 2, "mlp_ratio": 2.0}, "cnn": {"channels": [4, 8]}}
 
 
 def tiny(name: str, **overrides) -> torch.nn.Module:
-    return build_model(name, 10, dataclasses.replace(REGISTRY[name].params(), **{**TINY[name], **overrides}))
+    return build_model(name, 10, dataclasses.replace(REGISTRY[name].params(), **{**REGISTRY[name].tiny, **overrides}), 32)
 MEAN, STD = list(FIXED_MEAN), list(FIXED_STD)
 
 

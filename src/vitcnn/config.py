@@ -6,12 +6,17 @@ model registry (each model's own params, plus its `recipe` overrides of `train.*
 line naming the key, the bad value and what is allowed: an unknown key (a typo), a wrong
 type, or a value that cannot work (embed_dim not divisible by num_heads, lr <= 0, a
 warmup as long as the run, ...).
+
+A stage validates the model sections it reads (`load_params(models=...)`): training one
+model reads neither another model's params nor its package, so dvc.yaml need not list
+another model's code for it. Every other section is validated by every stage.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +25,7 @@ from typing import Any, Literal
 import yaml
 
 from vitcnn.errors import ConfigError, require
-from vitcnn.models import REGISTRY
+from vitcnn.models import MODELS, REGISTRY
 from vitcnn.models.spec import ModelSpec
 
 IMAGE_SIZE = 32  # CIFAR images are 32x32; every supported dataset has this size
@@ -126,18 +131,33 @@ class VisualizeConfig:
     dpi: int = 120
 
 
-MODEL_SECTIONS = {spec.name: _model_section(spec) for spec in REGISTRY.values()}  # one per registered model
-Params = dataclasses.make_dataclass("Params", [
-    ("seed", int, 0),
-    ("device", Literal["auto", "cpu", "cuda", "mps"], "auto"),
-    ("data", DataConfig, field(default_factory=DataConfig)),
-    ("train", TrainConfig, field(default_factory=TrainConfig)),
-    *((name, section, field(default_factory=section)) for name, section in MODEL_SECTIONS.items()),
-    ("evaluate", EvaluateConfig, field(default_factory=EvaluateConfig)),
-    ("robustness", RobustnessConfig, field(default_factory=RobustnessConfig)),
-    ("visualize", VisualizeConfig, field(default_factory=VisualizeConfig)),
-], frozen=True)
-Params.__doc__ = "Every section of params.yaml; one section per registered model, named after it."
+def params_type(models: tuple[str, ...] | None = None) -> type:
+    """The dataclass of params.yaml with a section for each of `models` (every registered model by default)."""
+    return _params_type(tuple(MODELS) if models is None else tuple(models))
+
+
+@functools.cache  # one class per set of models, so that two loads of the same sections compare equal
+def _params_type(models: tuple[str, ...]) -> type:
+    cls = dataclasses.make_dataclass("Params", [
+        ("seed", int, 0),
+        ("device", Literal["auto", "cpu", "cuda", "mps"], "auto"),
+        ("data", DataConfig, field(default_factory=DataConfig)),
+        ("train", TrainConfig, field(default_factory=TrainConfig)),
+        *((name, section, field(default_factory=section))
+          for name, section in ((name, _model_section(REGISTRY[name])) for name in models)),
+        ("evaluate", EvaluateConfig, field(default_factory=EvaluateConfig)),
+        ("robustness", RobustnessConfig, field(default_factory=RobustnessConfig)),
+        ("visualize", VisualizeConfig, field(default_factory=VisualizeConfig)),
+    ], frozen=True)
+    cls.__doc__ = "Sections of params.yaml; one per registered model asked for, named after it."
+    return cls
+
+
+def __getattr__(name: str) -> Any:
+    """`Params`: the dataclass with every registered model's section (importing each model's package)."""
+    if name == "Params":
+        return params_type()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def recipe_for(params: Any, name: str) -> TrainConfig:
@@ -146,8 +166,12 @@ def recipe_for(params: Any, name: str) -> TrainConfig:
     return dataclasses.replace(params.train, **overrides)
 
 
-def load_params(path: str | Path = "params.yaml") -> Params:
-    """Read and validate params.yaml; raise ConfigError with one clear line."""
+def load_params(path: str | Path = "params.yaml", models: list[str] | tuple[str, ...] | None = None) -> Any:
+    """Read and validate params.yaml; raise ConfigError with one clear line.
+
+    `models`: the model sections to read and validate (default: every registered model); the others
+    are left as they are, but must be registered models.
+    """
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: file not found (run from the project root)")
@@ -157,8 +181,11 @@ def load_params(path: str | Path = "params.yaml") -> Params:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
         raise ConfigError(f"{path}: not valid YAML{where}") from None
-    params = _build(Params, raw, prefix="")
-    _check_values(params)
+    models = tuple(MODELS if models is None else models)
+    if isinstance(raw, dict):  # another model's section: that model's stages validate it
+        raw = {k: v for k, v in raw.items() if k not in MODELS or k in models}
+    params = _build(params_type(models), raw, prefix="", known=MODELS)
+    _check_values(params, models)
     return params
 
 
@@ -169,7 +196,7 @@ def params_dict(obj: Any) -> Any:
 
 def check_key(dotted: str) -> None:
     """Raise ConfigError, as for params.yaml, unless `dotted` (e.g. 'vit.depth') names a param."""
-    cls, prefix = Params, ""
+    cls, prefix = params_type(), ""
     for part in dotted.split("."):
         fields = {f.name: f for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else {}
         if part not in fields:
@@ -185,7 +212,8 @@ def _unknown_key(key: str, names: list[str], prefix: str) -> typing.NoReturn:
     raise ConfigError(f"unknown key '{prefix}{key}'{hint}; allowed: {', '.join(names)}")
 
 
-def _build(cls: type, raw: Any, prefix: str) -> Any:
+def _build(cls: type, raw: Any, prefix: str, known: list[str] = ()) -> Any:
+    """`cls` from the mapping `raw`; `known`: more keys that may stand there (the other models' sections)."""
     if raw is None:  # a section with every key commented out: its defaults
         raw = {}
     if not isinstance(raw, dict):
@@ -194,7 +222,7 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
     names = [f.name for f in dataclasses.fields(cls)]
     for key in raw:
         if key not in names:
-            _unknown_key(str(key), names, prefix)
+            _unknown_key(str(key), [*names, *(k for k in known if k not in names)], prefix)
     values = {}
     for name in names:
         if name not in raw:
@@ -247,7 +275,7 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
     raise TypeError(f"unsupported type for {key}: {hint}")  # a bug in this module, not in params
 
 
-def _check_values(p: Any) -> None:
+def _check_values(p: Any, models: tuple[str, ...]) -> None:
     """Range and cross-field checks that types alone cannot express."""
     d, e, vis = p.data, p.evaluate, p.visualize
     require(p.seed >= 0, "seed", p.seed, "use an integer >= 0")
@@ -257,7 +285,7 @@ def _check_values(p: Any) -> None:
     require(d.split_seed >= 0, "data.split_seed", d.split_seed, "use an integer >= 0")
     require(p.train.eval_batch_size >= 1, "train.eval_batch_size", p.train.eval_batch_size, "use an integer >= 1")
     _check_recipe(p.train, lambda k: f"train.{k}")
-    for name in REGISTRY:
+    for name in models:
         section = getattr(p, name)
         section.check(name, IMAGE_SIZE)
         overridden = {k for k, v in dataclasses.asdict(section.recipe).items() if v is not None}

@@ -1,4 +1,6 @@
-"""Where a model looks: the readout's attention and attention rollout for a ViT, Grad-CAM for a CNN.
+"""Where a model looks: the readout's attention and attention rollout for a model that shows its
+attention, Grad-CAM for one that shows its feature maps (what each registered model can show is in
+its `ModelSpec.explains`: `Attention()`, `GradCam()`).
 
 Pure torch functions on tensors the models already give (`forward_with_attention`,
 `forward_features` / `forward_head`); the figures live in `vitcnn.visualize`.
@@ -11,9 +13,37 @@ the CLS token's attention and the CLS row of the rollout.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from vitcnn.models.spec import Attention, GradCam
+
+
+@dataclass
+class Looks:
+    """Where a model looks on some images, by one way of showing it, and what that was computed from."""
+
+    how: Attention | GradCam
+    relevance: torch.Tensor  # (B, h, w), >= 0
+    inputs: torch.Tensor  # the normalised images, (B, C, H, W)
+    attention: list[torch.Tensor] | None = None  # Attention: per block (B, heads, N, N)
+    readout: torch.Tensor | None = None  # Attention: (B, N)
+
+
+def where_it_looks(model: nn.Module, how: Attention | GradCam, x: torch.Tensor, target: torch.Tensor) -> Looks:
+    """Model `model`'s relevance map on images `x` (B, C, H, W), shown `how`: the readout's row of the
+    attention rollout, or Grad-CAM of the `target` classes (B,)."""
+    if isinstance(how, Attention):
+        with torch.no_grad():
+            _, attention, readout = model.forward_with_attention(x)  # per block (B, heads, N, N); (B, N)
+        relevance = rollout_map(attention, readout, model.grid_size, model.num_prefix_tokens)
+        return Looks(how, relevance, x, attention, readout)
+    if isinstance(how, GradCam):
+        return Looks(how, gradcam(model, x, target), x)
+    raise TypeError(f"no way to show where a model looks by {how!r}")  # a new kind of ModelSpec.explains
 
 
 def readout_attention(attentions: list[torch.Tensor], readout: torch.Tensor, grid: int, prefix: int = 1) -> torch.Tensor:

@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from vitcnn.config import Params
 from vitcnn.data import channel_stats, class_counts, stratified_split, write_prepared
 from vitcnn.errors import DataError
 from vitcnn.sources import read_source
 
 
-def prepare(params: Params, out_dir: Path, download_dir: Path) -> dict:
+def prepare(params: Any, out_dir: Path, download_dir: Path) -> dict:
     """Read the source, hold out a stratified val split seeded by data.split_seed, write the splits; return meta.
 
     The split depends on data.* alone, never on the training `seed`: every seed of a study

@@ -15,7 +15,6 @@ from typing import Any
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
-from vitcnn.config import IMAGE_SIZE
 from vitcnn.errors import UserError
 from vitcnn.io import atomic_write
 from vitcnn.models import spec
@@ -30,10 +29,11 @@ def model_params(name: str, section: Any) -> Any:
     return cls(**{f.name: getattr(section, f.name) for f in dataclasses.fields(cls)})
 
 
-def build_model(name: str, num_classes: int, params: Any) -> nn.Module:
-    """The registered model `name` with its params (its dataclass, or its params.yaml section)."""
+def build_model(name: str, num_classes: int, params: Any, img_size: int) -> nn.Module:
+    """The registered model `name` with its params (its dataclass, or its params.yaml section), for square
+    images of `img_size` pixels."""
     own = model_params(name, params)
-    return importlib.import_module(spec(name).module).build(own, num_classes, IMAGE_SIZE)
+    return importlib.import_module(spec(name).module).build(own, num_classes, img_size)
 
 
 def count_params(model: nn.Module) -> int:
@@ -43,7 +43,7 @@ def count_params(model: nn.Module) -> int:
 def save_model(model: nn.Module, directory: Path, config: dict[str, Any]) -> None:
     """Write weights (safetensors) and the config that rebuilds the model, each atomically.
 
-    config must hold `name`, `num_classes` and `params` (the model's own params as a dict).
+    config must hold `name`, `num_classes`, `image_size` and `params` (the model's own params as a dict).
     """
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
@@ -62,9 +62,10 @@ def load_model(directory: Path) -> tuple[nn.Module, dict[str, Any]]:
     config = json.loads(config_path.read_text())
     try:
         params = spec(config["name"]).params(**config["params"])
+        config["image_size"]  # noqa: B018  (written since models have a size; older configs lack it)
     except (KeyError, TypeError) as exc:
         raise UserError(f"{config_path}: not a model config of this version ({exc}); rerun training") from None
-    model = build_model(config["name"], config["num_classes"], params)
+    model = build_model(config["name"], config["num_classes"], params, config["image_size"])
     try:
         model.load_state_dict(load_file(str(weights_path)))
     except Exception as exc:  # safetensors raises several types for a damaged file

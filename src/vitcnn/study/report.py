@@ -30,7 +30,8 @@ from vitcnn.io import atomic_write  # noqa: E402
 from vitcnn.study import runs  # noqa: E402
 from vitcnn.study.experiments import SUMMARIZED, Baseline, Experiment  # noqa: E402
 from vitcnn.study.summary import Estimate, Group, Summary  # noqa: E402
-from vitcnn.visualize import color, label, save_figure  # noqa: E402
+from vitcnn.models import color, label  # noqa: E402
+from vitcnn.visualize import save_figure  # noqa: E402
 
 DIFF_COLOR = "tab:gray"
 LOG_AXIS = {"data.subset"}  # params whose curves read best on a log axis

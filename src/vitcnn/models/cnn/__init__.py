@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from vitcnn.errors import require
-from vitcnn.models.spec import ModelSpec
+from vitcnn.models.spec import GradCam, ModelSpec
 
 
 @dataclass(frozen=True)
@@ -37,4 +37,4 @@ class CNNParams:
 
 
 SPEC = ModelSpec(name="cnn", label="CNN", color="tab:orange", params=CNNParams, module="vitcnn.models.cnn.model",
-                 explains="gradcam")
+                 explains=(GradCam(),), tiny={"channels": [4, 8]})

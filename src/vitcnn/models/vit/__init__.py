@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from vitcnn.errors import require
-from vitcnn.models.spec import ModelSpec
+from vitcnn.models.spec import Attention, ModelSpec
 
 
 @dataclass(frozen=True)
@@ -59,4 +59,6 @@ class ViTParams:
 
 
 SPEC = ModelSpec(name="vit", label="ViT", color="tab:blue", params=ViTParams, module="vitcnn.models.vit.model",
-                 explains="attention")
+                 explains=(Attention(),),
+                 tiny={"patch_size": 4, "embed_dim": 8, "depth": 1, "num_heads": 2, "mlp_ratio": 2.0,
+                       "stem_channels": 4})
