@@ -5,21 +5,23 @@
     python benchmarks/throughput.py --cuda-graphs off --profile   # on CUDA: eager steps; how busy the GPU is
 
 Measures training images/s (loader + forward + backward + optimizer step) at the
-default params (the seed's models, batch 128), or at a named recipe's, on the current
-device: warm-up steps, then the median of R timed windows of N steps each. When the
+default params (the original program's models, batch 128), or at a named recipe's, on the
+current device: warm-up steps, then the median of R timed windows of N steps each. The
+training is set up by the training stage's own `train.setup` (every recipe key honoured,
+normalisation included). When the
 recipe augments (a policy, erasing, mixup/cutmix), it also reports what augmentation costs
 per batch: the loader alone timed with and without it, alternating, medians of R windows. The engine runs set up as the
 training stage runs (`keep_freed_memory`). With --baseline the naive way is measured in
 the same run, window by window alternating with the engine so that both see the same
 machine load, in a process of its own (so it keeps PyTorch's and the C library's
-defaults, as a hand-written script would): the seed program's own model classes (loaded from
-../shared/reference/seed_vit_vs_cnn.py when present; otherwise this project's models
+defaults, as a hand-written script would): the original program's own model classes (loaded
+from ../shared/reference/seed_vit_vs_cnn.py when present; otherwise this project's models
 with manual attention and PyTorch's dropout), a torchvision-style Dataset with PIL
 transforms through a DataLoader with 2 workers, fp32, eager, and a `.item()` per step
-as the seed does.
+as the original program does.
 
-Data: data/prepared/train.safetensors when it exists, else random images of the same
-shape (speed does not depend on pixel values).
+Data: data/prepared/ (train split and meta.json) when it exists, else random images of the
+same shape (speed does not depend on pixel values).
 """
 
 from __future__ import annotations
@@ -44,30 +46,30 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
-from vitcnn.config import Params, TrainConfig, recipe_for
-from vitcnn.data import FIXED_MEAN, FIXED_STD, BatchLoader, Split
+from vitcnn import paths
+from vitcnn.config import TrainConfig, params_type, recipe_for
+from vitcnn.data import FIXED_MEAN, FIXED_STD, BatchLoader, Split, channel_stats, load_meta, load_split, normalization
 from vitcnn.models import MODELS
 from vitcnn.models.store import build_model
-from vitcnn.runtime import (CudaGraphStep, keep_freed_memory, maybe_compile, resolve_device, resolve_precision,
-                            use_cuda_graphs, use_deterministic)
 from vitcnn.recipes import params_with
-from vitcnn.train import EMA, TrainSteps, augmentation, make_optimizer, mixing
+from vitcnn.runtime import CudaGraphStep, keep_freed_memory, resolve_device, use_deterministic
+from vitcnn.train import setup
 
 ROOT = Path(__file__).resolve().parents[1]
-SEED_PROGRAM = ROOT.parent / "shared" / "reference" / "seed_vit_vs_cnn.py"
-SEED_CLASSES = {"vit": "VisionTransformer", "cnn": "SimpleCNN"}  # the original program's models, by registry name
+ORIGINAL_PROGRAM = ROOT.parent / "shared" / "reference" / "seed_vit_vs_cnn.py"
+ORIGINAL_CLASSES = {"vit": "VisionTransformer", "cnn": "SimpleCNN"}  # the original program's models, by registry name
 
 
-def load_images(n_random: int = 10000) -> tuple[Split, str]:
-    prepared = ROOT / "data" / "prepared" / "train.safetensors"
-    if prepared.is_file():
-        from safetensors.torch import load_file
-
-        t = load_file(str(prepared))
-        return Split(t["images"], t["labels"]), str(prepared.relative_to(ROOT))
+def load_images(n_random: int = 10000) -> tuple[Split, dict, str]:
+    """The prepared train split and its meta.json, or random images (and their statistics) of CIFAR's shape."""
+    prepared = ROOT / paths.PREPARED
+    if (prepared / "train.safetensors").is_file():
+        return load_split(prepared, "train"), load_meta(prepared), str(paths.PREPARED / "train.safetensors")
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (n_random, 32, 32, 3), dtype=torch.uint8, generator=g)
-    return Split(images, torch.randint(0, 10, (n_random,), generator=g)), f"random ({n_random} images)"
+    mean, std = channel_stats(images.numpy())
+    meta = {"classes": [str(i) for i in range(10)], "image_shape": [32, 32, 3], "mean": mean, "std": std}
+    return Split(images, torch.randint(0, 10, (n_random,), generator=g)), meta, f"random ({n_random} images)"
 
 
 class NaiveDataset(Dataset):
@@ -90,12 +92,12 @@ class NaiveDataset(Dataset):
 
 
 def naive_model(name: str, num_classes: int) -> tuple[nn.Module, str]:
-    if SEED_PROGRAM.is_file() and name in SEED_CLASSES:
-        spec = importlib.util.spec_from_file_location("seed_program", SEED_PROGRAM)
-        seed = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(seed)
-        return getattr(seed, SEED_CLASSES[name])(num_classes=num_classes), "seed program's model"
-    model = build_model(name, num_classes, getattr(Params(), name))
+    if ORIGINAL_PROGRAM.is_file() and name in ORIGINAL_CLASSES:
+        spec = importlib.util.spec_from_file_location("original_program", ORIGINAL_PROGRAM)
+        original = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(original)
+        return getattr(original, ORIGINAL_CLASSES[name])(num_classes=num_classes), "original program's model"
+    model = build_model(name, num_classes, getattr(params_type()(), name), 32)
     for module in model.modules():
         if hasattr(module, "fused_attn"):
             module.fused_attn = False
@@ -110,23 +112,16 @@ def _sync(device: torch.device) -> None:
 
 
 class Engine:
-    """The pipeline's training path, as the training stage sets it up: on-device uint8 loader, autocast,
-    fused parts, its step function (a replayed CUDA graph on CUDA), no per-step sync."""
+    """The pipeline's training path, set up by the training stage's own `train.setup`: on-device uint8
+    loader, autocast, fused parts, its step function (a replayed CUDA graph on CUDA), no per-step sync."""
 
-    def __init__(self, name: str, split: Split, device: torch.device, params: Any, cfg: TrainConfig):
+    def __init__(self, name: str, split: Split, meta: dict, device: torch.device, params: Any, cfg: TrainConfig):
         torch.manual_seed(0)
-        self.model = build_model(name, 10, getattr(params, name)).to(device, memory_format=torch.channels_last)
-        self.model.train()
-        graphs = use_cuda_graphs(cfg.cuda_graphs, device)
-        self.optimizer = make_optimizer(self.model, cfg, capturable=graphs)
-        self.dtype = resolve_precision(cfg.precision, device)
-        gen = torch.Generator(device=device).manual_seed(0)
-        self.loader = BatchLoader(split, cfg.batch_size, device, list(FIXED_MEAN), list(FIXED_STD), shuffle=True,
-                                  crop_padding=cfg.crop_padding, flip=cfg.flip, generator=gen,
-                                  augment=augmentation(cfg), mix=mixing(cfg, device))
-        step_model = maybe_compile(self.model, cfg.compile, device, self.loader.example(), self.dtype)
-        ema = EMA(self.model, cfg.ema) if cfg.ema else None
-        self.steps = TrainSteps(step_model, self.optimizer, self.loader, self.dtype, cfg, ema, graphs, name)
+        model = build_model(name, len(meta["classes"]), getattr(params, name), meta["image_shape"][0])
+        mean, std = normalization(meta, cfg.normalization)
+        self.training = setup(model, split, split, cfg, mean, std, device, seed=0, name=name)
+        self.training.model.train()
+        self.steps, self.loader, self.dtype = self.training.steps, self.training.loader, self.training.dtype
         self.device, self.epoch, self.done, self.seen = device, iter(()), 0, 0
 
     def run(self, steps: int) -> int:
@@ -144,7 +139,7 @@ class Engine:
 
 
 class Naive:
-    """The seed program's way: DataLoader(2 workers) + PIL transforms, fp32, eager, .item() per step."""
+    """The original program's way: DataLoader(2 workers) + PIL transforms, fp32, eager, .item() per step."""
 
     def __init__(self, name: str, split: Split, device: torch.device, batch_size: int):
         torch.manual_seed(0)
@@ -186,7 +181,7 @@ def timed_window(runner, steps: int) -> float:
 
 def serve_baseline(conn, name: str, device: str, batch_size: int) -> None:
     """The baseline's own process: runs what the parent asks for, replies with images/s."""
-    split, _ = load_images()
+    split, _, _ = load_images()
     runner = Naive(name, split, torch.device(device), batch_size)
     conn.send(runner.source)
     while (steps := conn.recv()) is not None:
@@ -315,7 +310,7 @@ def main() -> None:
                         help="on CUDA, also report the share of a window the GPU is busy (torch.profiler)")
     parser.add_argument("--json", action="store_true", help="print one JSON object per model")
     args = parser.parse_args()
-    params = params_with(args.recipe, ROOT / "recipes", ROOT / "params.yaml") if args.recipe else Params()
+    params = params_with(args.recipe, ROOT / "recipes", ROOT / "params.yaml") if args.recipe else params_type()()
 
     device = resolve_device(args.device)
     if args.profile and device.type == "cuda":
@@ -325,12 +320,12 @@ def main() -> None:
         profiler_utils._init_for_cuda_graphs()
     keep_freed_memory()  # as the training stage does
     use_deterministic(TrainConfig().deterministic)
-    split, data = load_images()
+    split, meta, data = load_images()
     for name in (MODELS if args.model == "all" else [args.model]):
         # The model's recipe (the original program's at the defaults).
         cfg = dataclasses.replace(recipe_for(params, name), precision=args.precision, compile=args.compile,
                                   cuda_graphs=args.cuda_graphs)
-        engine = Engine(name, split, device, params, cfg)
+        engine = Engine(name, split, meta, device, params, cfg)
         baseline = BaselineProcess(name, device, cfg.batch_size) if args.baseline else None
         rates = measure(engine, baseline, args.steps, args.repeats, args.warmup)
         result = {

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from vitcnn import paths
 from vitcnn.config import load_params, recipe_for
 from vitcnn.data import load_meta, load_split, normalization
 from vitcnn.models import MODELS
@@ -27,7 +28,7 @@ from vitcnn.models.store import build_model
 from vitcnn.runtime import keep_freed_memory, resolve_device, seed_everything, use_deterministic
 from vitcnn.train import fit
 
-PREPARED = Path("data/prepared")
+PREPARED = paths.PREPARED
 
 
 class TargetReached(Exception):
@@ -42,7 +43,7 @@ def main() -> None:
     parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], help="override train.precision")
     args = parser.parse_args()
 
-    params = load_params()
+    params = load_params(models=[args.model])
     overrides = {k: v for k, v in {"epochs": args.epochs, "precision": args.precision}.items() if v is not None}
     cfg = dataclasses.replace(recipe_for(params, args.model), **overrides)
     device = resolve_device(params.device)
@@ -52,7 +53,7 @@ def main() -> None:
     mean, std = normalization(meta, cfg.normalization)
     use_deterministic(cfg.deterministic)
     seed_everything(params.seed)
-    model = build_model(args.model, len(meta["classes"]), getattr(params, args.model))
+    model = build_model(args.model, len(meta["classes"]), getattr(params, args.model), meta["image_shape"][0])
 
     start = time.perf_counter()
     reached: dict = {}

@@ -31,3 +31,29 @@ def test_throughput_benchmark_reports_both_ways_and_their_ratio():
     assert report["train_images_per_s"] > 0 and report["baseline_images_per_s"] > 0
     assert report["speedup"] == pytest.approx(report["train_images_per_s"] / report["baseline_images_per_s"], abs=0.01)
     assert report["peak_memory_mb"] > 0 and report["baseline_peak_memory_mb"] > 0
+
+
+def test_the_benchmark_trains_as_the_training_stage_sets_up_every_recipe_key():
+    """The benchmark's engine is `train.setup`'s: `normalization: measured` and the recipe's augmentation are
+    the training stage's, not a copy of them that drifts."""
+    import dataclasses
+    import importlib.util
+
+    import torch
+
+    from vitcnn.config import TrainConfig, params_type
+
+    spec = importlib.util.spec_from_file_location("throughput", ROOT / "benchmarks" / "throughput.py")
+    throughput = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(throughput)
+    images = torch.randint(0, 256, (40, 32, 32, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    split = throughput.Split(images, torch.arange(40) % 10)
+    meta = {"classes": [str(i) for i in range(10)], "image_shape": [32, 32, 3], "mean": [0.1, 0.2, 0.3],
+            "std": [0.5, 0.5, 0.5]}
+    params = params_type()()
+    cfg = dataclasses.replace(TrainConfig(), normalization="measured", batch_size=16, augment="trivialaugment",
+                              precision="fp32")
+    engine = throughput.Engine("cnn", split, meta, torch.device("cpu"), params, cfg)
+    assert torch.allclose(engine.loader.mean.flatten(), torch.tensor([0.1, 0.2, 0.3]) * 255)
+    assert engine.loader.augment is not None and engine.training.steps.cfg is cfg
+    assert engine.run(2) == 32

@@ -281,8 +281,8 @@ def test_report_shows_both_models_metrics_exactly_as_written(project):
     rows = {m.group(1): [cell.strip() for cell in m.group(0).strip("|").split("|")[1:]]
             for m in re.finditer(r"^\|[^|\n]*\(`(\w+)`\)[^\n]*$", report, flags=re.MULTILINE)}
     for key in METRICS["vit"]:
-        as_written = re.findall(rf'"{key}": ("?[^,\n]*?"?),?\n', written)  # ViT's, then the CNN's
-        assert len(as_written) == 2, key
+        as_written = re.findall(rf'"{key}": ("?[^,\n]*?"?),?\n', written)  # each model's, in the registry's order
+        assert len(as_written) == len(MODELS), key
         assert rows[key] == [text.strip('"') for text in as_written], f"{key}: {rows.get(key)} vs {as_written}"
 
 

@@ -27,7 +27,7 @@ def project(tmp_path, monkeypatch) -> Path:
 def test_list_names_every_recipe_with_its_description(project, capsys):
     assert vitcnn(["recipe", "--list"]) == 0
     lines = dict(line.split(": ", 1) for line in capsys.readouterr().out.splitlines())
-    assert set(lines) == {p.stem for p in (ROOT / "recipes").glob("*.yaml")} >= {"seed", "strong"}
+    assert set(lines) == {p.stem for p in (ROOT / "recipes").glob("*.yaml")} >= {"original", "strong"}
     assert all(lines.values())
 
 
@@ -45,10 +45,10 @@ def test_the_printed_flags_set_exactly_the_recipes_keys(name, project, capsys):
     load_params(project / "params.yaml")  # and the result is valid
 
 
-def test_the_seed_recipe_is_the_defaults_and_the_strong_one_differs_per_model(project, capsys):
+def test_the_original_recipe_is_the_defaults_and_the_strong_one_differs_per_model(project, capsys):
     from dvc.utils.hydra import apply_overrides
 
-    assert vitcnn(["recipe", "seed"]) == 0 and capsys.readouterr().out.strip() == ""
+    assert vitcnn(["recipe", "original"]) == 0 and capsys.readouterr().out.strip() == ""
     assert vitcnn(["recipe", "strong"]) == 0
     apply_overrides(project / "params.yaml", capsys.readouterr().out.split()[1::2])
     params = load_params(project / "params.yaml")
@@ -59,7 +59,7 @@ def test_the_seed_recipe_is_the_defaults_and_the_strong_one_differs_per_model(pr
 
 
 @pytest.mark.parametrize("recipe, message", [
-    (None, "unknown recipe 'nope'; known recipes: seed, strong"),
+    (None, "unknown recipe 'nope'; known recipes: original, strong"),
     ({"vit": {"depht": 8}}, "recipe 'nope' (recipes/nope.yaml): unknown key 'vit.depht' (did you mean 'vit.depth'?)"),
     ({"train": {"warmup": 1.5}}, "train.warmup: 1.5 is not allowed; use a fraction of the run in [0, 1)"),
     ({"vit": {"recipe": {"ema": 1.5}}}, "vit.recipe.ema: 1.5 is not allowed; use 0 (off) or a decay in (0, 1)"),
@@ -79,3 +79,9 @@ def test_a_study_takes_a_recipe_and_its_own_flags_win(project, monkeypatch):
     sets = with_recipe("strong", ["vit.recipe.lr=0.002", "train.epochs=3"], "budget")
     assert "vit.recipe.lr=0.002" in sets and "vit.recipe.lr=0.001" not in sets
     assert "cnn.block=resnet9" in sets and "train.epochs=3" in sets
+
+
+def test_the_recipes_old_name_still_works_for_a_release_with_a_notice(project, capsys, caplog):
+    assert vitcnn(["recipe", "seed"]) == 0
+    assert capsys.readouterr().out.strip() == ""  # the original recipe: the defaults
+    assert "recipe 'seed' is now called 'original'" in caplog.text

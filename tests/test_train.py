@@ -252,7 +252,7 @@ def test_compiling_leaves_weights_buffers_gradients_and_random_state_untouched(n
     loader = BatchLoader(TRAIN, 16, CPU, MEAN, STD)
     before = {k: v.clone() for k, v in model.state_dict().items()}  # weights and batch norm statistics
     rng = torch.get_rng_state()
-    compiled = maybe_compile(model, "on", CPU, loader.example(), torch.float32)
+    compiled = maybe_compile(model, "on", CPU, loader.examples(), torch.float32)
     assert compiled is not model, "the trial step compiled nothing"
     assert torch.equal(torch.get_rng_state(), rng)
     assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
@@ -261,7 +261,7 @@ def test_compiling_leaves_weights_buffers_gradients_and_random_state_untouched(n
 
 def test_compile_is_off_on_cpu_unless_asked_for():
     model = tiny("cnn")
-    example = BatchLoader(TRAIN, 16, CPU, MEAN, STD).example()
+    example = BatchLoader(TRAIN, 16, CPU, MEAN, STD).examples()
     assert maybe_compile(model, "auto", CPU, example, torch.float32) is model
     assert maybe_compile(model, "off", CPU, example, torch.float32) is model
 
@@ -376,7 +376,7 @@ def test_a_checkpoint_from_a_run_that_ran_its_optimizer_otherwise_resumes_as_thi
     model = tiny("cnn")
     x, y = torch.rand(8, 3, 32, 32), torch.arange(8) % 10
     saved_here = make_optimizer(model, config(optimizer="adamw"))
-    train_step(model, saved_here, x, y, torch.float32)
+    train_step(model, saved_here, x, y, torch.float32, config(optimizer="adamw"))
     state = saved_here.state_dict()
     elsewhere = {**state, "param_groups": [{**g, "capturable": True, "fused": None, "foreach": True}
                                            for g in state["param_groups"]]}
@@ -388,7 +388,7 @@ def test_a_checkpoint_from_a_run_that_ran_its_optimizer_otherwise_resumes_as_thi
         load_optimizer_state(optimizer, copy.deepcopy(loaded))  # as read from disk: shares no tensor
         assert [(g["fused"], g["capturable"], g["foreach"]) for g in optimizer.param_groups] == \
             [(g["fused"], g["capturable"], g["foreach"]) for g in saved_here.param_groups]
-        train_step(model, optimizer, x, y, torch.float32)
+        train_step(model, optimizer, x, y, torch.float32, config(optimizer="adamw"))
         after.append({k: v.clone() for k, v in model.state_dict().items()})
     for key in after[0]:
         assert torch.equal(after[0][key], after[1][key]), key

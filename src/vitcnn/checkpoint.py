@@ -1,17 +1,20 @@
 """Resume checkpoints: everything a training run needs to go on exactly where it stopped.
 
-A checkpoint holds the model, optimizer, training history, the selected weights so far
-and every random state (python, numpy, torch CPU and CUDA, the loader's generator). It
-is written atomically at the end of each epoch, so killing the process at any moment
-leaves the previous one loadable, and it is read with `torch.load(weights_only=True)`:
+A `Checkpoint` holds the model, optimizer, the EMA's weights, every random state (python,
+numpy, torch CPU and CUDA, the loader's generator) and the run so far (history, the selected
+weights, time), with the fingerprint of the params and data it belongs to and the version of
+its layout. It is written atomically at the end of each epoch, so killing the process at any
+moment leaves the previous one loadable, and it is read with `torch.load(weights_only=True)`:
 tensors and plain values only, nothing executable.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import random
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -61,13 +64,29 @@ def _as_tuples(value: Any) -> Any:
     return tuple(_as_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
-def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+VERSION = 2  # of the layout below; a checkpoint of another version is not resumed
+
+
+@dataclass
+class Checkpoint:
+    """A training run's state at the end of an epoch."""
+
+    fingerprint: str  # of the params and data the run belongs to
+    model: dict[str, torch.Tensor]  # the live weights
+    optimizer: dict[str, Any]  # optimizer.state_dict()
+    ema: dict[str, torch.Tensor]  # the EMA's weights; {} without one
+    rng: dict[str, Any]  # rng_states()
+    run: dict[str, Any]  # the run so far (train.RunState, as a dict)
+    version: int = VERSION
+
+
+def save_checkpoint(path: Path, checkpoint: Checkpoint) -> None:
     with atomic_write(path) as tmp:
-        torch.save(state, tmp)
+        torch.save(dataclasses.asdict(checkpoint), tmp)
 
 
-def load_checkpoint(path: Path, fingerprint: str) -> dict[str, Any] | None:
-    """The checkpoint at `path` if it belongs to this run (same fingerprint), else None."""
+def load_checkpoint(path: Path, fingerprint: str) -> Checkpoint | None:
+    """The checkpoint at `path` if it belongs to this run (same fingerprint, this layout), else None."""
     if not path.is_file():
         return None
     try:
@@ -75,7 +94,10 @@ def load_checkpoint(path: Path, fingerprint: str) -> dict[str, Any] | None:
     except Exception as exc:  # a damaged or foreign file: training from scratch loses nothing
         log.warning("ignoring unreadable checkpoint %s (%s); starting fresh", path, exc)
         return None
+    if not isinstance(state, dict) or state.get("version") != VERSION:
+        log.info("checkpoint %s was written by another version of this code; starting fresh", path)
+        return None
     if state.get("fingerprint") != fingerprint:
         log.info("checkpoint %s is for other params or data; starting fresh", path)
         return None
-    return state
+    return Checkpoint(**{f.name: state[f.name] for f in dataclasses.fields(Checkpoint)})

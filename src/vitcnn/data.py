@@ -26,7 +26,7 @@ from vitcnn.io import atomic_write, read_json, write_json
 
 SPLITS = ("train", "val", "test")
 META_FILE = "meta.json"
-# The seed's normalisation constants (CIFAR-10), used when train.normalization is "fixed".
+# The original program's normalisation constants (CIFAR-10), used when train.normalization is "fixed".
 FIXED_MEAN = (0.4914, 0.4822, 0.4465)
 FIXED_STD = (0.2023, 0.1994, 0.2010)
 
@@ -96,7 +96,7 @@ def load_split(prepared_dir: Path, name: str) -> Split:
 
 
 def normalization(meta: dict, mode: str) -> tuple[list[float], list[float]]:
-    """Mean and std for inputs: the seed's constants ("fixed") or train's own ("measured")."""
+    """Mean and std for inputs: the original program's constants ("fixed") or train's own ("measured")."""
     if mode == "fixed":
         return list(FIXED_MEAN), list(FIXED_STD)
     return meta["mean"], meta["std"]
@@ -147,10 +147,13 @@ class BatchLoader:
     def __len__(self) -> int:
         return -(-len(self.labels) // self.batch_size)
 
-    def example(self) -> torch.Tensor:
-        """Zeros shaped and laid out as the first batch, for a trial step (compilation)."""
-        b = min(self.batch_size, len(self.labels))
-        return torch.zeros(b, self.size, self.size, self.images.shape[-1], device=self.device).permute(0, 3, 1, 2)
+    def examples(self) -> list[torch.Tensor]:
+        """Zeros shaped and laid out as an epoch's batches, for trial steps (compilation): a full batch, and
+        the last, smaller one when the split does not divide into full batches."""
+        sizes = [min(self.batch_size, len(self.labels))] + ([len(self.labels) % self.batch_size]
+                                                           if len(self.labels) > self.batch_size else [])
+        return [torch.zeros(b, self.size, self.size, self.images.shape[-1], device=self.device).permute(0, 3, 1, 2)
+                for b in sizes if b]
 
     def permutation(self) -> torch.Tensor:
         """(N,) the order of one epoch: a fresh draw from the generator with `shuffle`, else 0..N-1."""

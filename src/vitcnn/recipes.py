@@ -8,6 +8,7 @@ apply it: an unknown key or an impossible value is one line naming the recipe an
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,9 @@ from vitcnn.errors import ConfigError, UserError
 from vitcnn.overrides import flatten, value_text, with_overrides
 
 RECIPES = Path("recipes")
+# Old names that still work for one release, each with a one-line notice: name -> its name now.
+RENAMED = {"seed": "original"}
+log = logging.getLogger(__name__)
 
 
 class RecipeError(UserError):
@@ -30,6 +34,9 @@ def available(folder: Path = RECIPES) -> dict[str, str]:
 
 def overrides(name: str, folder: Path = RECIPES, params_path: Path = Path("params.yaml")) -> list[str]:
     """The recipe's keys as `key=value` overrides, checked against params.yaml."""
+    if name in RENAMED and not (folder / f"{name}.yaml").is_file():
+        log.warning("recipe '%s' is now called '%s'; the old name goes away in the next release", name, RENAMED[name])
+        name = RENAMED[name]
     path = folder / f"{name}.yaml"
     if not path.is_file():
         known = ", ".join(available(folder)) or f"none: {folder}/ has no .yaml files"

@@ -107,17 +107,19 @@ def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractCon
     return torch.autocast(device.type, dtype=dtype)
 
 
-def maybe_compile(model: nn.Module, mode: str, device: torch.device, example: torch.Tensor,
+def maybe_compile(model: nn.Module, mode: str, device: torch.device, examples: list[torch.Tensor],
                   dtype: torch.dtype) -> nn.Module:
     """torch.compile on CUDA by default ("auto"), on CPU only when asked ("on").
 
     On CPU compilation measured no faster here and costs a minute or more per run, so
     `auto` keeps CPU runs eager. torch.compile only compiles at the first call, and the
     backward pass later still, so a missing toolchain would otherwise surface as a
-    crash in the middle of the first step. One trial training step on `example` (a
-    batch of the training shape) compiles both passes here instead; if that fails, a
-    one-line warning says why and the model trains eagerly. The trial changes nothing:
-    random states, weights, buffers and gradients are as they were before it.
+    crash in the middle of the first step. One trial training step on each of `examples`
+    (batches of the shapes an epoch trains on: a full one and the last, smaller one) compiles
+    both passes for each shape here instead, so that no recompilation falls in an epoch and
+    its speed; if that fails, a one-line warning says why and the model trains eagerly. The
+    trials change nothing: random states, weights, buffers and gradients are as they were
+    before them.
     """
     if mode == "off" or (mode == "auto" and device.type != "cuda"):
         return model
@@ -128,7 +130,8 @@ def maybe_compile(model: nn.Module, mode: str, device: torch.device, example: to
     compiled = torch.compile(model)
     try:
         with torch._dynamo.config.patch(suppress_errors=False):  # the trial must see a failure, not skip it
-            _trial_step(compiled, model, example, dtype)
+            for example in examples:
+                _trial_step(compiled, model, example, dtype)
     except torch.OutOfMemoryError:
         raise  # the batch does not fit: the caller's message says what to try
     except Exception as exc:  # any failure to compile means "train eagerly"
@@ -196,6 +199,9 @@ class CudaGraphStep:
         self.eager = False  # the step cannot be captured: run it as it is
         self.calls = 0
         self.capture_s = 0.0  # time spent recording the graph (part of the run's setup, not of its epochs)
+        # One side stream for every warm-up: the caching allocator keeps freed blocks per stream, so a new
+        # stream per warm-up would hold a step's activations (and cuBLAS workspaces) once per warm-up.
+        self.side: torch.cuda.Stream | None = None
 
     def __call__(self) -> None:
         if self.graph is not None:
@@ -210,7 +216,7 @@ class CudaGraphStep:
 
     def _warm_up(self, check_syncs: bool) -> None:
         """One real step on a side stream; with `check_syncs`, note whether it synchronized with the host."""
-        side = torch.cuda.Stream()
+        side = self.side = self.side or torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         user_mode = torch.cuda.get_sync_debug_mode()
         with torch.cuda.stream(side), warnings.catch_warnings(record=True) as caught:
@@ -247,7 +253,7 @@ class CudaGraphStep:
         try:
             for generator in self.generators:
                 graph.register_generator_state(generator)
-            with torch.cuda.graph(graph, stream=torch.cuda.Stream()):  # records the step; nothing runs yet
+            with torch.cuda.graph(graph, stream=self.side or torch.cuda.Stream()):  # records; nothing runs yet
                 self.step()
         except torch.OutOfMemoryError:
             raise  # the batch does not fit: the caller's message says what to try

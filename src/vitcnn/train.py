@@ -10,11 +10,16 @@ validation split (held out of train), never on test.
 
 Every part of a training step runs on the device without reading a value back (no host
 sync, no Python branch on a tensor's value): the schedule is a pure function of the step
-number, clipping scales on the device, the EMA is one fused lerp. So one function
-(`TrainSteps.step`: the epoch's next batch, crop + flip + augmentation, forward, loss,
-backward, optimizer update, EMA and the epoch's running totals) is the whole step, and on
-CUDA it is captured once as a CUDA graph and replayed (`train.cuda_graphs`); elsewhere it
-is called as it is. The learning rate and the EMA's weight are set between steps.
+number, clipping scales on the device, the EMA is three fused foreach operations. So one
+function (`TrainSteps.step`: the epoch's next batch, crop + flip + augmentation, forward,
+loss, backward, optimizer update, EMA and the epoch's running totals) is the whole step,
+and on CUDA it is captured once as a CUDA graph and replayed (`train.cuda_graphs`);
+elsewhere it is called as it is. The learning rate and the EMA's weight are set between
+steps.
+
+The file reads in the order a run does: the schedule and the optimizer, one step, the
+steps of an epoch, setting a run up (`setup`, which the benchmarks call too), and the run
+itself (`fit`: epochs, validation, selection, checkpoints).
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from vitcnn.augment import Augment, Mix, Mixed
-from vitcnn.checkpoint import load_checkpoint, restore_rng_states, rng_states, save_checkpoint
+from vitcnn.checkpoint import Checkpoint, load_checkpoint, restore_rng_states, rng_states, save_checkpoint
 from vitcnn.config import Recipe, TrainConfig
 from vitcnn.data import BatchLoader, Split
 from vitcnn.errors import UserError
@@ -43,11 +48,13 @@ from vitcnn.runtime import CudaGraphStep, autocast, maybe_compile, predict, reso
 
 log = logging.getLogger(__name__)
 PROGRESS_EVERY = 20  # steps between progress-bar refreshes (each reads the running loss once)
-ORIGINAL_RECIPE = Recipe()  # the original program's
 
 
 class TrainingError(UserError):
     """Training cannot go on (a non-finite loss): stop without writing results."""
+
+
+# --- the schedule and the optimizer -----------------------------------------------------------------
 
 
 def lr_at(step: int, steps_per_epoch: int, cfg: Recipe) -> float:
@@ -70,168 +77,6 @@ def lr_at(step: int, steps_per_epoch: int, cfg: Recipe) -> float:
     return cfg.lr
 
 
-class EMA:
-    """An exponential moving average of a model's weights and float buffers (batch-norm statistics).
-
-    Updated after every optimizer step with one fused lerp on the device. The decay rises
-    as min(decay, (1 + t) / (10 + t)) over the first updates t, so the average does not
-    start out dominated by the random initial weights.
-    """
-
-    def __init__(self, model: nn.Module, decay: float):
-        self.model = copy.deepcopy(model).requires_grad_(False)
-        self.decay, self.updates = decay, 0
-        pairs = list(zip(self.model.state_dict().values(), model.state_dict().values()))  # (average, live)
-        self._averaged = [a for a, _ in pairs if a.is_floating_point()]
-        self._live = [m for a, m in pairs if a.is_floating_point()]
-        self._counters = [(a, m) for a, m in pairs if not a.is_floating_point()]  # copied, not averaged
-        # 1 - decay of the next update, on the device: a replayed CUDA graph reads each update's own value
-        self.weight = torch.zeros((), device=self._averaged[0].device)
-
-    def advance(self) -> None:
-        """Count the next update and set its weight (between steps, outside a captured graph)."""
-        self.updates += 1
-        self.weight.fill_(1 - min(self.decay, (1 + self.updates) / (10 + self.updates)))
-
-    @torch.no_grad()
-    def apply(self) -> None:
-        """Move the average towards the live weights by `weight` (part of the step)."""
-        torch._foreach_lerp_(self._averaged, self._live, [self.weight] * len(self._averaged))
-        for average, live in self._counters:
-            average.copy_(live)
-
-    def update(self) -> None:
-        self.advance()
-        self.apply()
-
-
-@dataclass
-class RunState:
-    """What a training run has done so far; also what its resume checkpoint holds."""
-
-    history: list[dict] = field(default_factory=list)  # one row per epoch
-    best_epoch: int = 0  # 1-based epoch whose weights best_state holds
-    best_acc: float = -1.0
-    best_state: dict[str, torch.Tensor] | None = None
-    train_time_s: float = 0.0
-    ema_updates: int = 0
-
-
-@dataclass
-class FitResult:
-    history: list[dict]
-    best_epoch: int
-    state: dict[str, torch.Tensor]  # the selected weights (the EMA's when on)
-    precision: str
-    train_time_s: float
-    resumed_from: int  # epochs taken from a checkpoint (0 = a fresh run)
-    setup_time_s: float  # compilation and CUDA graph capture (in train_time_s, not in the epochs' speeds)
-    cuda_graphs: bool  # whether the steps ran as a replayed CUDA graph
-
-
-def fit(
-    model: nn.Module,
-    train: Split,
-    val: Split,
-    cfg: TrainConfig,
-    mean: list[float],
-    std: list[float],
-    device: torch.device,
-    seed: int,
-    name: str = "model",
-    on_epoch: Callable[[dict], None] | None = None,
-    checkpoint: Path | None = None,
-    fingerprint: str = "",
-) -> FitResult:
-    """Train `model` in place with recipe `cfg`; return the per-epoch history and the selected weights.
-
-    With `checkpoint`, the state is saved there after every epoch, and a run whose
-    checkpoint has the same `fingerprint` (params and data) goes on from it, ending
-    with exactly the weights an uninterrupted run would have (on CPU).
-    """
-    generator = torch.Generator(device=device).manual_seed(seed)
-    train_loader = BatchLoader(train, cfg.batch_size, device, mean, std, shuffle=True,
-                               crop_padding=cfg.crop_padding, flip=cfg.flip, generator=generator,
-                               augment=augmentation(cfg), mix=mixing(cfg, device))
-    val_loader = BatchLoader(val, cfg.eval_batch_size, device, mean, std)
-    dtype = resolve_precision(cfg.precision, device)
-    model.to(device, memory_format=torch.channels_last)  # faster convolutions; no effect on linear layers
-    graphs = use_cuda_graphs(cfg.cuda_graphs, device)
-    optimizer = make_optimizer(model, cfg, capturable=graphs)
-    ema = EMA(model, cfg.ema) if cfg.ema else None
-    compile_start = time.perf_counter()
-    step_model = maybe_compile(model, cfg.compile, device, train_loader.example(), dtype)
-    compile_s = time.perf_counter() - compile_start
-
-    run = RunState()
-    saved = load_checkpoint(checkpoint, fingerprint) if checkpoint else None
-    if saved:
-        model.load_state_dict(saved["model"])
-        load_optimizer_state(optimizer, saved["optimizer"])
-        if ema:
-            ema.model.load_state_dict(saved["ema"])
-        restore_rng_states(saved["rng"], generator)
-        run = RunState(**saved["run"])
-        log.info("resuming %s from epoch %d of %d (%s)", name, len(run.history), cfg.epochs, checkpoint)
-    elif checkpoint:
-        log.info("starting %s fresh", name)
-    if ema:
-        ema.updates = run.ema_updates
-    resumed_from = len(run.history)
-    run.train_time_s += compile_s  # compiling is part of what training costs (epoch speeds leave it out)
-    selected = ema.model if ema else model  # the weights validated, selected and saved
-    steps = TrainSteps(step_model, optimizer, train_loader, dtype, cfg, ema, graphs, name)  # after the checkpoint
-
-    for epoch in range(resumed_from + 1, cfg.epochs + 1):
-        t0 = time.perf_counter()
-        capture_s = steps.capture_s
-        train_loss, train_acc = _train_epoch(steps, (epoch - 1) * len(train_loader), epoch, name)
-        train_s = time.perf_counter() - t0 - (steps.capture_s - capture_s)  # the epoch's steps, not the capture
-        val_loss, val_acc = _validate(ema.model if ema else step_model, val_loader, dtype)
-        row = {
-            "epoch": epoch,
-            "train_loss": round(train_loss, 6),
-            "train_acc": round(train_acc, 6),
-            "val_loss": round(val_loss, 6),
-            "val_acc": round(val_acc, 6),
-            "lr": lr_at((epoch - 1) * len(train_loader), len(train_loader), cfg),
-            "epoch_time_s": round(train_s, 3),
-            "images_per_s": round(len(train) / train_s, 1),
-        }
-        run.history.append(row)
-        run.train_time_s += time.perf_counter() - t0
-        if cfg.select == "last" or val_acc > run.best_acc:
-            run.best_epoch, run.best_acc = epoch, val_acc
-            run.best_state = copy.deepcopy(selected.state_dict())
-        run.ema_updates = ema.updates if ema else 0
-        if checkpoint:
-            save_checkpoint(checkpoint, {
-                "fingerprint": fingerprint,
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "ema": ema.model.state_dict() if ema else {},
-                "rng": rng_states(generator),
-                "run": dataclasses.asdict(run),
-            })
-        if on_epoch:
-            on_epoch(row)
-    return FitResult(run.history, run.best_epoch, run.best_state, str(dtype).removeprefix("torch."),
-                     run.train_time_s, resumed_from, compile_s + steps.capture_s, steps.graphed)
-
-
-def augmentation(cfg: Recipe) -> Augment | None:
-    """The recipe's per-image augmentation after crop + flip, or None."""
-    augment = Augment(cfg.augment, cfg.augment_ops, cfg.augment_magnitude, cfg.cutout, cfg.erasing)
-    return augment if augment.active else None
-
-
-def mixing(cfg: Recipe, device: torch.device) -> Mix | None:
-    """The recipe's mixup / cutmix, or None."""
-    if not (cfg.mixup or cfg.cutmix):
-        return None
-    return Mix(cfg.mixup, cfg.cutmix, cfg.mix_prob, cfg.mix_per, device)
-
-
 def param_groups(model: nn.Module, cfg: Recipe) -> list[dict[str, Any]]:
     """Weight decay on every parameter (`decay: all`), or only on weight matrices (`matrices`:
     not on norms, biases, or what the model names in `no_weight_decay()`, its embeddings)."""
@@ -244,7 +89,7 @@ def param_groups(model: nn.Module, cfg: Recipe) -> list[dict[str, Any]]:
     return [{"params": decayed, "weight_decay": cfg.weight_decay}, {"params": kept, "weight_decay": 0.0}]
 
 
-def make_optimizer(model: nn.Module, cfg: Recipe = ORIGINAL_RECIPE, capturable: bool = False) -> torch.optim.Optimizer:
+def make_optimizer(model: nn.Module, cfg: Recipe, capturable: bool = False) -> torch.optim.Optimizer:
     """AdamW, or SGD with Nesterov momentum; on CPU and CUDA their fused kernels (one pass over all
     parameters: 4x faster than the per-tensor loop on CPU) compute the same update. `capturable`:
     AdamW may be recorded in a CUDA graph (SGD keeps no step count and always may)."""
@@ -274,21 +119,7 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
                 optimizer.state[p]["step"] = step.to(p.device if on_device else "cpu", torch.float32)
 
 
-def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor | Mixed,
-               dtype: torch.dtype, cfg: Recipe = ORIGINAL_RECIPE) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimisation step; returns the batch's mean loss and its count of correct predictions
-    (for a mixed batch: of its dominant labels), both still on the device (reading them is the
-    caller's choice of when to sync)."""
-    with autocast(x.device, dtype):
-        logits = model(x)
-    loss = _loss(logits.float(), y, cfg.label_smoothing)  # in fp32 whatever the compute dtype
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    if cfg.grad_clip:
-        nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], cfg.grad_clip, foreach=True)
-    optimizer.step()
-    labels = y.dominant if isinstance(y, Mixed) else y
-    return loss.detach(), (logits.argmax(1) == labels).sum()
+# --- one step --------------------------------------------------------------------------------------------
 
 
 def _loss(logits: torch.Tensor, y: torch.Tensor | Mixed, label_smoothing: float) -> torch.Tensor:
@@ -299,6 +130,66 @@ def _loss(logits: torch.Tensor, y: torch.Tensor | Mixed, label_smoothing: float)
     per_image = (y.lam * F.cross_entropy(logits, y.a, reduction="none", label_smoothing=label_smoothing)
                  + (1 - y.lam) * F.cross_entropy(logits, y.b, reduction="none", label_smoothing=label_smoothing))
     return per_image.mean()
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor | Mixed,
+               dtype: torch.dtype, cfg: Recipe) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimisation step; returns the batch's mean loss and its count of correct predictions
+    (for a mixed batch: of its dominant labels), both still on the device (reading them is the
+    caller's choice of when to sync).
+
+    Gradients are zeroed in place, not freed: the steps of a run keep one set of gradient tensors,
+    which a CUDA graph records and an eager step (the epoch's last, smaller batch) then reuses.
+    """
+    with autocast(x.device, dtype):
+        logits = model(x)
+    loss = _loss(logits.float(), y, cfg.label_smoothing)  # in fp32 whatever the compute dtype
+    optimizer.zero_grad(set_to_none=False)
+    loss.backward()
+    if cfg.grad_clip:
+        nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], cfg.grad_clip, foreach=True)
+    optimizer.step()
+    labels = y.dominant if isinstance(y, Mixed) else y
+    return loss.detach(), (logits.argmax(1) == labels).sum()
+
+
+class EMA:
+    """An exponential moving average of a model's weights and float buffers (batch-norm statistics).
+
+    Updated after every optimizer step on the device: average += weight * (live - average), as three
+    foreach operations whose weight is one 0-d device tensor (each a single fused kernel on CUDA;
+    `_foreach_lerp_` with a tensor weight per parameter is not). The decay rises as
+    min(decay, (1 + t) / (10 + t)) over the first updates t, so the average does not start out
+    dominated by the random initial weights.
+    """
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.model = copy.deepcopy(model).requires_grad_(False)
+        self.decay, self.updates = decay, 0
+        pairs = list(zip(self.model.state_dict().values(), model.state_dict().values()))  # (average, live)
+        self._averaged = [a for a, _ in pairs if a.is_floating_point()]
+        self._live = [m for a, m in pairs if a.is_floating_point()]
+        self._counters = [(a, m) for a, m in pairs if not a.is_floating_point()]  # copied, not averaged
+        # 1 - decay of the next update, on the device: a replayed CUDA graph reads each update's own value
+        self.weight = torch.zeros((), device=self._averaged[0].device)
+
+    def advance(self) -> None:
+        """Count the next update and set its weight (between steps, outside a captured graph)."""
+        self.updates += 1
+        self.weight.fill_(1 - min(self.decay, (1 + self.updates) / (10 + self.updates)))
+
+    @torch.no_grad()
+    def apply(self) -> None:
+        """Move the average towards the live weights by `weight` (part of the step)."""
+        deltas = torch._foreach_sub(self._live, self._averaged)
+        torch._foreach_mul_(deltas, self.weight)
+        torch._foreach_add_(self._averaged, deltas)
+        for average, live in self._counters:
+            average.copy_(live)
+
+    def update(self) -> None:
+        self.advance()
+        self.apply()
 
 
 class TrainSteps:
@@ -378,6 +269,167 @@ class TrainSteps:
         self.loss_sum += loss * batch_size
         self.correct += hits
         self.first_bad.copy_(torch.where((self.first_bad < 0) & ~torch.isfinite(loss), self.batch, self.first_bad))
+
+
+# --- setting a run up ----------------------------------------------------------------------------------
+
+
+def augmentation(cfg: Recipe) -> Augment | None:
+    """The recipe's per-image augmentation after crop + flip, or None."""
+    augment = Augment(cfg.augment, cfg.augment_ops, cfg.augment_magnitude, cfg.cutout, cfg.erasing)
+    return augment if augment.active else None
+
+
+def mixing(cfg: Recipe, device: torch.device) -> Mix | None:
+    """The recipe's mixup / cutmix, or None."""
+    if not (cfg.mixup or cfg.cutmix):
+        return None
+    return Mix(cfg.mixup, cfg.cutmix, cfg.mix_prob, cfg.mix_per, device)
+
+
+@dataclass
+class Training:
+    """Everything a run of recipe `cfg` trains with, set up once (`setup`); the benchmarks time its steps."""
+
+    model: nn.Module  # the live weights, on the device
+    optimizer: torch.optim.Optimizer
+    loader: BatchLoader  # the train split: shuffled, augmented
+    val_loader: BatchLoader
+    dtype: torch.dtype  # the autocast precision
+    ema: EMA | None
+    steps: TrainSteps
+    generator: torch.Generator  # the loader's: order, crops, flips, augmentation, mixing
+    setup_s: float  # compiling (the trial steps), part of training's cost, outside the epochs' speeds
+
+    @property
+    def selected(self) -> nn.Module:
+        """The weights validated, selected and saved: the EMA's when there is one."""
+        return self.ema.model if self.ema else self.model
+
+
+def setup(model: nn.Module, train: Split, val: Split, cfg: TrainConfig, mean: list[float], std: list[float],
+          device: torch.device, seed: int, name: str = "model", checkpoint: Checkpoint | None = None) -> Training:
+    """Set up training `model` on `train` with recipe `cfg`: loaders, precision, optimizer, EMA, compilation
+    and the step function (replayed as a CUDA graph on CUDA). A `checkpoint` is loaded before the step
+    function exists, so that a graph records the resumed state."""
+    generator = torch.Generator(device=device).manual_seed(seed)
+    loader = BatchLoader(train, cfg.batch_size, device, mean, std, shuffle=True, crop_padding=cfg.crop_padding,
+                         flip=cfg.flip, generator=generator, augment=augmentation(cfg), mix=mixing(cfg, device))
+    val_loader = BatchLoader(val, cfg.eval_batch_size, device, mean, std)
+    dtype = resolve_precision(cfg.precision, device)
+    model.to(device, memory_format=torch.channels_last)  # faster convolutions; no effect on linear layers
+    graphs = use_cuda_graphs(cfg.cuda_graphs, device)
+    optimizer = make_optimizer(model, cfg, capturable=graphs)
+    ema = EMA(model, cfg.ema) if cfg.ema else None
+    start = time.perf_counter()
+    step_model = maybe_compile(model, cfg.compile, device, loader.examples(), dtype)
+    setup_s = time.perf_counter() - start
+    if checkpoint:
+        model.load_state_dict(checkpoint.model)
+        load_optimizer_state(optimizer, checkpoint.optimizer)
+        if ema:
+            ema.model.load_state_dict(checkpoint.ema)
+            ema.updates = checkpoint.run["ema_updates"]
+        restore_rng_states(checkpoint.rng, generator)
+    steps = TrainSteps(step_model, optimizer, loader, dtype, cfg, ema, graphs, name)
+    return Training(model, optimizer, loader, val_loader, dtype, ema, steps, generator, setup_s)
+
+
+# --- the run: epochs, validation, selection, checkpoints -------------------------------------------------
+
+
+@dataclass
+class RunState:
+    """What a training run has done so far; also what its resume checkpoint holds."""
+
+    history: list[dict] = field(default_factory=list)  # one row per epoch
+    best_epoch: int = 0  # 1-based epoch whose weights best_state holds
+    best_acc: float = -1.0
+    best_state: dict[str, torch.Tensor] | None = None
+    train_time_s: float = 0.0
+    ema_updates: int = 0
+
+
+@dataclass
+class FitResult:
+    history: list[dict]
+    best_epoch: int
+    state: dict[str, torch.Tensor]  # the selected weights (the EMA's when on)
+    precision: str
+    train_time_s: float
+    resumed_from: int  # epochs taken from a checkpoint (0 = a fresh run)
+    setup_time_s: float  # compilation and CUDA graph capture (in train_time_s, not in the epochs' speeds)
+    cuda_graphs: bool  # whether the steps ran as a replayed CUDA graph
+
+
+def fit(
+    model: nn.Module,
+    train: Split,
+    val: Split,
+    cfg: TrainConfig,
+    mean: list[float],
+    std: list[float],
+    device: torch.device,
+    seed: int,
+    name: str = "model",
+    on_epoch: Callable[[dict], None] | None = None,
+    checkpoint: Path | None = None,
+    fingerprint: str = "",
+) -> FitResult:
+    """Train `model` in place with recipe `cfg`; return the per-epoch history and the selected weights.
+
+    With `checkpoint`, the state is saved there after every epoch, and a run whose
+    checkpoint has the same `fingerprint` (params and data) goes on from it, ending
+    with exactly the weights an uninterrupted run would have (on CPU).
+    """
+    saved = _resume(checkpoint, fingerprint, name, cfg.epochs)
+    run = RunState(**saved.run) if saved else RunState()
+    training = setup(model, train, val, cfg, mean, std, device, seed, name, saved)
+    resumed_from = len(run.history)
+    run.train_time_s += training.setup_s  # compiling is part of what training costs (epoch speeds leave it out)
+    steps = training.steps
+    for epoch in range(resumed_from + 1, cfg.epochs + 1):
+        t0 = time.perf_counter()
+        capture_s = steps.capture_s
+        train_loss, train_acc = _train_epoch(steps, (epoch - 1) * len(training.loader), epoch, name)
+        train_s = time.perf_counter() - t0 - (steps.capture_s - capture_s)  # the epoch's steps, not the capture
+        val_loss, val_acc = _validate(training.ema.model if training.ema else steps.model, training.val_loader,
+                                      training.dtype)
+        row = {
+            "epoch": epoch,
+            "train_loss": round(train_loss, 6),
+            "train_acc": round(train_acc, 6),
+            "val_loss": round(val_loss, 6),
+            "val_acc": round(val_acc, 6),
+            "lr": lr_at((epoch - 1) * len(training.loader), len(training.loader), cfg),
+            "epoch_time_s": round(train_s, 3),
+            "images_per_s": round(len(train) / train_s, 1),
+        }
+        run.history.append(row)
+        run.train_time_s += time.perf_counter() - t0
+        if cfg.select == "last" or val_acc > run.best_acc:
+            run.best_epoch, run.best_acc = epoch, val_acc
+            run.best_state = copy.deepcopy(training.selected.state_dict())
+        run.ema_updates = training.ema.updates if training.ema else 0
+        if checkpoint:
+            save_checkpoint(checkpoint, Checkpoint(
+                fingerprint, model.state_dict(), training.optimizer.state_dict(),
+                training.ema.model.state_dict() if training.ema else {}, rng_states(training.generator),
+                dataclasses.asdict(run)))
+        if on_epoch:
+            on_epoch(row)
+    return FitResult(run.history, run.best_epoch, run.best_state, str(training.dtype).removeprefix("torch."),
+                     run.train_time_s, resumed_from, training.setup_s + steps.capture_s, steps.graphed)
+
+
+def _resume(checkpoint: Path | None, fingerprint: str, name: str, epochs: int) -> Checkpoint | None:
+    """The checkpoint to go on from, if `checkpoint` holds one of this run; says which in one line."""
+    saved = load_checkpoint(checkpoint, fingerprint) if checkpoint else None
+    if saved:
+        log.info("resuming %s from epoch %d of %d (%s)", name, len(saved.run["history"]), epochs, checkpoint)
+    elif checkpoint:
+        log.info("starting %s fresh", name)
+    return saved
 
 
 def _train_epoch(steps: TrainSteps, first_step: int, epoch: int, name: str) -> tuple[float, float]:

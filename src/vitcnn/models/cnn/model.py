@@ -20,7 +20,7 @@ from vitcnn.models.cnn import CNNParams
 
 
 def build(params: CNNParams, num_classes: int, img_size: int) -> "CNN":
-    return CNN(num_classes=num_classes, channels=params.channels, block=params.block)
+    return CNN(num_classes=num_classes, channels=params.channels, block=params.block, in_chans=3)
 
 
 def conv_bn_relu(in_ch: int, out_ch: int, bias: bool = True) -> list[nn.Module]:
@@ -76,8 +76,8 @@ def resnet9_blocks(in_chans: int, channels: list[int]) -> list[nn.Module]:
 
 
 class CNN(nn.Module):
-    def __init__(self, num_classes: int, channels: list[int] = (64, 128, 256, 512), in_chans: int = 3,
-                 block: str = "plain"):
+    def __init__(self, *, num_classes: int, channels: list[int], block: str, in_chans: int):
+        """Every argument by keyword and without a default: the defaults are params.yaml's (CNNParams)."""
         super().__init__()
         if block == "resnet9":
             self.blocks = nn.ModuleList(resnet9_blocks(in_chans, list(channels)))

@@ -21,7 +21,7 @@ from vitcnn.models.vit import ViTParams
 
 
 def build(params: ViTParams, num_classes: int, img_size: int) -> "VisionTransformer":
-    return VisionTransformer(num_classes=num_classes, img_size=img_size, **dataclasses.asdict(params))
+    return VisionTransformer(num_classes=num_classes, img_size=img_size, in_chans=3, **dataclasses.asdict(params))
 
 
 class PatchEmbed(nn.Module):
@@ -137,24 +137,10 @@ class SeqPool(nn.Module):
 
 
 class VisionTransformer(nn.Module):
-    def __init__(
-        self,
-        num_classes: int,
-        img_size: int = 32,
-        patch_size: int = 4,
-        in_chans: int = 3,
-        embed_dim: int = 128,
-        depth: int = 6,
-        num_heads: int = 4,
-        mlp_ratio: float = 4.0,
-        dropout: float = 0.1,
-        attn_dropout: float = 0.1,
-        drop_path: float = 0.0,
-        stem: str = "patch",
-        stem_layers: int = 2,
-        stem_channels: int = 64,
-        pooling: str = "cls",
-    ):
+    def __init__(self, *, num_classes: int, img_size: int, in_chans: int, patch_size: int, embed_dim: int, depth: int,
+                 num_heads: int, mlp_ratio: float, dropout: float, attn_dropout: float, drop_path: float, stem: str,
+                 stem_layers: int, stem_channels: int, pooling: str):
+        """Every argument by keyword and without a default: the defaults are params.yaml's (ViTParams)."""
         super().__init__()
         if embed_dim % num_heads:
             raise ValueError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}")
