@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -10,6 +12,7 @@ from conftest import random_images
 from vitcnn.data import FIXED_MEAN, FIXED_STD, BatchLoader, Split, stratified_split
 
 CPU = torch.device("cpu")
+MEAN, STD = list(FIXED_MEAN), list(FIXED_STD)
 # With mean 0 and std 1/255 the loader's output is the raw pixel value: augmented
 # images can then be compared exactly with windows of the original.
 IDENTITY = ([0.0, 0.0, 0.0], [1 / 255] * 3)
@@ -166,3 +169,49 @@ def test_stratified_split_rounds_each_class_share_to_the_nearest_count(sizes, n_
         assert sorted(counts) == [0, 0, 1, 1]
     else:
         assert counts == expected
+
+
+# --- images too large for the device: in host memory, the same batches -----------------------------
+
+
+def test_images_kept_in_host_memory_give_the_very_batches_of_images_on_the_device():
+    from vitcnn.augment import Augment, Mix
+
+    images = torch.randint(0, 256, (37, 32, 32, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
+    split = Split(images, torch.arange(37) % 10)
+
+    def batches(placement: str) -> list:
+        loader = BatchLoader(split, 8, CPU, MEAN, STD, shuffle=True, crop_padding=4, flip=True,
+                             generator=torch.Generator().manual_seed(0), augment=Augment("randaugment", 2, 9, 8, 0.5),
+                             mix=Mix(0.8, 1.0, 1.0, "image", CPU), placement=placement)
+        assert loader.on_host == (placement == "host")
+        return [batch for _ in range(2) for batch in loader]
+
+    on_device, on_host = batches("device"), batches("host")
+    assert len(on_device) == len(on_host) == 10
+    for (x, y), (hx, hy) in zip(on_device, on_host):
+        assert torch.equal(x, hx)
+        assert all(torch.equal(a, b) for a, b in zip(dataclasses.astuple(y), dataclasses.astuple(hy)))
+
+
+def test_a_run_with_its_images_in_host_memory_trains_the_same_weights():
+    from vitcnn.config import TrainConfig
+    from vitcnn.models import REGISTRY
+    from vitcnn.models.store import build_model
+    from vitcnn.train import TrainSteps, make_optimizer
+
+    cfg = dataclasses.replace(TrainConfig(), batch_size=8, precision="fp32", epochs=2)
+    split = Split(torch.randint(0, 256, (30, 32, 32, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(1)),
+                  torch.arange(30) % 10)
+    weights = []
+    for placement in ("device", "host"):
+        torch.manual_seed(0)
+        model = build_model("cnn", 10, dataclasses.replace(REGISTRY["cnn"].params(), **REGISTRY["cnn"].tiny), 32)
+        loader = BatchLoader(split, 8, CPU, MEAN, STD, shuffle=True, crop_padding=4, flip=True,
+                             generator=torch.Generator().manual_seed(0), placement=placement)
+        steps = TrainSteps(model, make_optimizer(model, cfg), loader, torch.float32, cfg, None, graphs=False)
+        model.train()
+        for epoch in range(2):
+            assert [seen for _, seen in steps.epoch(epoch * len(loader))] == [8, 16, 24, 30]
+        weights.append(model.state_dict())
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])

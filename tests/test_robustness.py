@@ -315,4 +315,4 @@ def test_wrong_cifar10c_files_are_one_line(tmp_path, damage, message):
     if damage == "labels":
         np.save(folder / "labels.npy", np.zeros(12, dtype=np.uint8))
     with pytest.raises(DataError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        load_official(folder, ["contrast"], torch.from_numpy(labels))
+        load_official(folder, ["contrast"], torch.from_numpy(labels), (32, 32, 3))

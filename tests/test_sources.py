@@ -12,21 +12,22 @@ import tarfile
 
 import numpy as np
 import pytest
+from PIL import Image
 import torch
 import yaml
 
 from conftest import (ROOT, CIFAR10_CLASSES, batch_pickle, pairs, png_bytes, random_images, write_tree,
                       zip_bytes)
-from vitcnn.config import Params
+from vitcnn.config import DataConfig, Params
 from vitcnn.data import load_meta, load_split
 from vitcnn.errors import DataError
 from vitcnn.prepare import prepare
 from vitcnn.sources import read_source
 
 
-def read(path, dataset="cifar10"):
+def read(path, dataset="cifar10", **data):
     # download_dir is only for data.source 'download'; a local source never touches it.
-    return read_source(str(path), dataset, download_dir=path.parent / "no-downloads-here")
+    return read_source(DataConfig(source=str(path), dataset=dataset, **data), download_dir=path.parent / "no-downloads-here")
 
 
 def assert_same_dataset(raw, expected_classes, train_images, train_labels, test_images, test_labels):
@@ -253,13 +254,15 @@ def test_unreadable_image_names_the_file(imagefolder, tmp_path):
     assert "train/dog/broken.png" in str(info.value)
 
 
-def test_wrong_image_size_names_the_file_and_the_size(imagefolder, tmp_path):
+def test_an_image_of_another_size_is_brought_to_the_image_size_and_counted(imagefolder, tmp_path):
     members = dict(imagefolder.members)
-    members["test/ship/small.png"] = png_bytes(random_images(np.random.default_rng(0), 1, size=16)[0])
-    with pytest.raises(DataError) as info:
-        read(write_tree(tmp_path / "src", members))
-    assert "test/ship/small.png" in str(info.value)
-    assert "16x16" in str(info.value)
+    small = random_images(np.random.default_rng(0), 1, size=16)[0]
+    members["test/ship/small.png"] = png_bytes(small)
+    raw = read(write_tree(tmp_path / "src", members))
+    assert raw.test_images.shape[1:] == (32, 32, 3)
+    assert raw.sizes == {"16x16": 1, "32x32": len(imagefolder.members)}
+    upscaled = np.asarray(Image.fromarray(small).resize((32, 32), Image.Resampling.BICUBIC))
+    assert upscaled.tobytes() in {image.tobytes() for image in raw.test_images}
 
 
 def test_train_and_test_with_different_classes_are_refused(imagefolder, tmp_path):
@@ -372,10 +375,10 @@ def test_a_relative_source_is_found_from_the_project_root(imagefolder, tmp_path,
     (tmp_path / "cifar10.tar.gz").write_bytes(imagefolder.tar_gz.read_bytes())
     monkeypatch.chdir(copy)
     monkeypatch.setenv("DVC_ROOT", str(project))
-    raw = read_source("../cifar10.tar.gz", "cifar10", download_dir=tmp_path / "no-downloads-here")
+    raw = read_source(DataConfig(source="../cifar10.tar.gz"), download_dir=tmp_path / "no-downloads-here")
     assert pairs(raw.test_images, raw.test_labels) == pairs(imagefolder.test_images, imagefolder.test_labels)
     with pytest.raises(DataError, match=r"data.source: ../nope.tar.gz does not exist \(relative to the project: .*/nope"):
-        read_source("../nope.tar.gz", "cifar10", download_dir=tmp_path / "no-downloads-here")
+        read_source(DataConfig(source="../nope.tar.gz"), download_dir=tmp_path / "no-downloads-here")
 
 
 def test_prepare_subset_is_stratified_and_taken_from_train_only(imagefolder, tmp_path):

@@ -28,21 +28,25 @@ from vitcnn.errors import ConfigError, require
 from vitcnn.models import MODELS, REGISTRY
 from vitcnn.models.spec import ModelSpec
 
-IMAGE_SIZE = 32  # CIFAR images are 32x32; every supported dataset has this size
+OFFICIAL_SIZE = 32  # the official CIFAR files' images are 32x32
 BINS = 31  # magnitude bins of the augmentation policies, as torchvision's
 # CIFAR-10-C's corruptions that vitcnn.corruptions generates (the names of the official .npy files)
 CORRUPTION_NAMES = ("gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "gaussian_blur", "contrast",
                     "brightness", "saturate", "pixelate", "jpeg_compression")
-NUM_CLASSES = {"cifar10": 10, "cifar100": 100}
+NUM_CLASSES = {"cifar10": 10, "cifar100": 100}  # data.dataset "folder" (your own images): any number, from 2
 
 
 @dataclass(frozen=True)
 class DataConfig:
-    dataset: Literal["cifar10", "cifar100"] = "cifar10"
+    dataset: Literal["cifar10", "cifar100", "folder"] = "cifar10"  # folder: your own images, any classes
     source: str = "download"  # "download" or a path to an archive / folder
-    val_size: int = 5000  # held out of the training images, stratified
+    image_size: int = 32  # every image is brought to image_size x image_size pixels, once, in prepare
+    resize: Literal["crop", "pad", "stretch"] = "crop"  # crop: shorter side to the size, centre crop
+    val_size: float = 5000  # held out of the training images, stratified: a count, or a fraction in (0, 1)
+    test_size: float = 0.2  # held out when the source has no test split: a count, or a fraction in (0, 1)
     subset: int = 0  # 0 = every remaining training image; else a stratified subset
-    split_seed: int = 0  # seeds the validation split and the subset (not `seed`: runs of many seeds share one split)
+    split_seed: int = 0  # seeds the held-out splits and the subset (not `seed`: runs of many seeds share one split)
+    skip_bad: bool = False  # true: skip (and count) images that do not decode, instead of stopping
 
 
 @dataclass(frozen=True)
@@ -87,6 +91,7 @@ class TrainConfig(Recipe):
     cuda_graphs: Literal["auto", "on", "off"] = "auto"  # each training step as one replayed CUDA graph (CUDA only)
     deterministic: bool = False  # deterministic kernels on GPU (CPU runs are deterministic anyway)
     eval_batch_size: int = 1000
+    device_memory_gb: float = 0.0  # how much of a GPU's memory the uint8 images may take; 0 = auto (half its free memory)
 
 
 # <model>.recipe: every recipe key, null (the shared value) unless set for this model.
@@ -278,29 +283,36 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
 def _check_values(p: Any, models: tuple[str, ...]) -> None:
     """Range and cross-field checks that types alone cannot express."""
     d, e, vis = p.data, p.evaluate, p.visualize
+    size = d.image_size
     require(p.seed >= 0, "seed", p.seed, "use an integer >= 0")
     require(d.source.strip() != "", "data.source", d.source, "use 'download' or a path to the data")
-    require(d.val_size >= 1, "data.val_size", d.val_size, "use an integer >= 1")
+    require(8 <= d.image_size <= 1024, "data.image_size", d.image_size, "use a side of 8..1024 pixels")
+    for key in ("val_size", "test_size"):
+        value = getattr(d, key)
+        require(0 < value < 1 or (value >= 1 and float(value).is_integer()), f"data.{key}", value,
+                "use a count of images (an integer >= 1) or a fraction in (0, 1)")
     require(d.subset >= 0, "data.subset", d.subset, "use 0 (all training images) or a positive count")
     require(d.split_seed >= 0, "data.split_seed", d.split_seed, "use an integer >= 0")
     require(p.train.eval_batch_size >= 1, "train.eval_batch_size", p.train.eval_batch_size, "use an integer >= 1")
-    _check_recipe(p.train, lambda k: f"train.{k}")
+    require(p.train.device_memory_gb >= 0, "train.device_memory_gb", p.train.device_memory_gb,
+            "use 0 (auto: half the GPU's free memory) or a number of GB")
+    _check_recipe(p.train, lambda k: f"train.{k}", size)
     for name in models:
         section = getattr(p, name)
-        section.check(name, IMAGE_SIZE)
+        section.check(name, size)
         overridden = {k for k, v in dataclasses.asdict(section.recipe).items() if v is not None}
-        _check_recipe(recipe_for(p, name), lambda k: f"{name}.recipe.{k}" if k in overridden else f"train.{k}")
+        _check_recipe(recipe_for(p, name), lambda k: f"{name}.recipe.{k}" if k in overridden else f"train.{k}", size)
     require(e.batch_size >= 1, "evaluate.batch_size", e.batch_size, "use an integer >= 1")
     require(e.throughput_batches >= 1, "evaluate.throughput_batches", e.throughput_batches, "use an integer >= 1")
     require(e.latency_runs >= 1, "evaluate.latency_runs", e.latency_runs, "use an integer >= 1")
-    _check_robustness(p.robustness)
+    _check_robustness(p.robustness, size)
     require(vis.num_images >= 1, "visualize.num_images", vis.num_images, "use an integer >= 1")
     require(vis.feature_channels >= 1, "visualize.feature_channels", vis.feature_channels, "use an integer >= 1")
     require(vis.mistakes >= 1, "visualize.mistakes", vis.mistakes, "use an integer >= 1")
     require(vis.dpi >= 30, "visualize.dpi", vis.dpi, "use an integer >= 30")
 
 
-def _check_robustness(r: RobustnessConfig) -> None:
+def _check_robustness(r: RobustnessConfig, size: int) -> None:
     require(r.subset >= 0, "robustness.subset", r.subset, "use 0 (the whole test split) or a count of test images")
     unknown = [c for c in r.corruptions if c not in CORRUPTION_NAMES]
     require(not unknown, "robustness.corruptions", unknown[0] if unknown else None,
@@ -309,14 +321,14 @@ def _check_robustness(r: RobustnessConfig) -> None:
     require(not bad, "robustness.severities", bad[0] if bad else None, "use severities 1..5")
     bad = [f for f in r.occlusion_fractions if not 0 <= f < 1]
     require(not bad, "robustness.occlusion_fractions", bad[0] if bad else None, "use fractions in [0, 1)")
-    require(r.occlusion_patch >= 1 and IMAGE_SIZE % r.occlusion_patch == 0, "robustness.occlusion_patch",
-            r.occlusion_patch, f"the image size {IMAGE_SIZE} must be divisible by it")
+    require(r.occlusion_patch >= 1 and size % r.occlusion_patch == 0, "robustness.occlusion_patch",
+            r.occlusion_patch, f"the image size {size} (data.image_size) must be divisible by it")
     require(r.calibration_bins >= 1, "robustness.calibration_bins", r.calibration_bins, "use an integer >= 1")
     require(r.batch_size >= 1, "robustness.batch_size", r.batch_size, "use an integer >= 1")
 
 
-def _check_recipe(r: Recipe, key: typing.Callable[[str], str]) -> None:
-    """A recipe's values; `key` names where each came from (train.lr, or vit.recipe.lr)."""
+def _check_recipe(r: Recipe, key: typing.Callable[[str], str], size: int) -> None:
+    """A recipe's values for images of `size` pixels; `key` names where each came from (train.lr, or vit.recipe.lr)."""
     require(r.epochs >= 1, key("epochs"), r.epochs, "use an integer >= 1")
     require(r.batch_size >= 1, key("batch_size"), r.batch_size, "use an integer >= 1")
     require(r.lr > 0, key("lr"), r.lr, "use a number > 0")
@@ -329,11 +341,12 @@ def _check_recipe(r: Recipe, key: typing.Callable[[str], str]) -> None:
     require(r.grad_clip >= 0, key("grad_clip"), r.grad_clip, "use a number > 0 (the largest gradient norm) or 0 (off)")
     require(0 <= r.label_smoothing < 1, key("label_smoothing"), r.label_smoothing, "use a number in [0, 1)")
     require(r.ema == 0 or 0 < r.ema < 1, key("ema"), r.ema, "use 0 (off) or a decay in (0, 1), e.g. 0.999")
-    require(0 <= r.crop_padding <= IMAGE_SIZE, key("crop_padding"), r.crop_padding, f"use 0..{IMAGE_SIZE}")
+    require(0 <= r.crop_padding <= size, key("crop_padding"), r.crop_padding,
+            f"use 0..{size} pixels (data.image_size is {size})")
     require(r.augment_ops >= 0, key("augment_ops"), r.augment_ops, "use an integer >= 0 (ops per image)")
     require(0 <= r.augment_magnitude < BINS, key("augment_magnitude"), r.augment_magnitude,
             f"use a magnitude bin 0..{BINS - 1}")
-    require(0 <= r.cutout <= IMAGE_SIZE, key("cutout"), r.cutout, f"use 0 (off) .. {IMAGE_SIZE} pixels")
+    require(0 <= r.cutout <= size, key("cutout"), r.cutout, f"use 0 (off) .. {size} pixels (data.image_size)")
     for name in ("erasing", "mix_prob"):
         require(0 <= getattr(r, name) <= 1, key(name), getattr(r, name), "use a probability in [0, 1]")
     for name in ("mixup", "cutmix"):

@@ -8,7 +8,10 @@ split and class, per-channel mean/std of train, source and its sha256).
 tensor ops: one gather does the random crop (zero padding) and the horizontal flip for
 the whole batch, an optional `augment.Augment` policy works on the uint8 batch, the batch
 is normalised once, and an optional `augment.Mix` mixes it with its labels. No workers,
-no PIL, no per-image Python.
+no PIL, no per-image Python. A split too large for a GPU's budget (`train.device_memory_gb`;
+by default half its free memory) stays in pinned host memory instead: each batch's images are
+gathered there and copied to the GPU without waiting (the same batches, bit for bit; no CUDA
+graph then, as the gather is the host's).
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import logging
+
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
@@ -24,6 +29,7 @@ from safetensors.torch import load_file, save_file
 from vitcnn.errors import DataError
 from vitcnn.io import atomic_write, read_json, write_json
 
+log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
 META_FILE = "meta.json"
 # The original program's normalisation constants (CIFAR-10), used when train.normalization is "fixed".
@@ -126,7 +132,11 @@ class BatchLoader:
         generator: torch.Generator | None = None,
         augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
         mix: Callable | None = None,
+        placement: str = "auto",
+        memory_gb: float = 0.0,
     ):
+        """`placement`: where the uint8 images live: "auto" (on `device` when they fit its budget: `memory_gb`
+        GB, or half its free memory when 0; else in host memory), "device" or "host"."""
         if (shuffle or crop_padding or flip or augment or mix) and generator is None:
             raise ValueError("a random order or augmentation needs a seeded generator")
         self.batch_size, self.device, self.shuffle, self.generator = batch_size, device, shuffle, generator
@@ -134,11 +144,16 @@ class BatchLoader:
         self.labels = split.labels.to(device)
         self.pad = crop_padding
         self.flip = flip
-        images = split.images.to(device)
-        self.size = images.shape[1]
+        self.size = split.images.shape[1]
+        side = self.size + 2 * self.pad
+        needed = len(split.labels) * side * side * split.images.shape[-1]
+        self.on_host = placement == "host" or (placement == "auto" and not _fits(needed, device, memory_gb))
+        images = split.images if self.on_host else split.images.to(device)
         if self.pad:  # pad once, with zeros (black), as torchvision's RandomCrop(padding=...)
             images = torch.nn.functional.pad(images, (0, 0, self.pad, self.pad, self.pad, self.pad))
-        self.images = images  # (N, H + 2 * pad, W + 2 * pad, C) uint8
+        if self.on_host and device.type == "cuda":
+            images = images.pin_memory()  # copies from pinned memory need not wait
+        self.images = images  # (N, H + 2 * pad, W + 2 * pad, C) uint8, on the device or in host memory
         channels = images.shape[-1]
         self.mean = (torch.tensor(mean, device=device) * 255).view(1, channels, 1, 1)
         self.inv_std = 1 / (torch.tensor(std, device=device) * 255).view(1, channels, 1, 1)
@@ -155,23 +170,41 @@ class BatchLoader:
         return [torch.zeros(b, self.size, self.size, self.images.shape[-1], device=self.device).permute(0, 3, 1, 2)
                 for b in sizes if b]
 
+    @property
+    def index_device(self) -> torch.device:
+        """Where an epoch's order and a batch's indexes live: with the images."""
+        return self.images.device
+
     def permutation(self) -> torch.Tensor:
-        """(N,) the order of one epoch: a fresh draw from the generator with `shuffle`, else 0..N-1."""
+        """(N,) the order of one epoch, on `index_device`: a fresh draw from the generator with `shuffle`
+        (drawn on the training device either way, so that both placements train on the same batches),
+        else 0..N-1."""
         n = len(self.labels)
         if self.shuffle:
-            return torch.randperm(n, device=self.device, generator=self.generator)
-        return torch.arange(n, device=self.device)
+            order = torch.randperm(n, device=self.device, generator=self.generator)
+            return order.to(self.index_device)  # with images in host memory: one copy per epoch
+        return torch.arange(n, device=self.index_device)
 
     def batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The batch of items `idx` (B,): cropped, flipped, augmented, normalised and mixed as configured.
+        """The batch of items `idx` (B,, on `index_device`): cropped, flipped, augmented, normalised and mixed
+        as configured.
 
-        Only tensor ops on the device, none of which reads a value back, so a CUDA graph can
-        capture it with `idx` computed on the device.
+        With the images on the device, only tensor ops there, none of which reads a value back, so a
+        CUDA graph can capture it with `idx` computed on the device. In host memory, the batch's padded
+        images are gathered there and copied over first.
         """
-        images = self._gather(idx)  # (B, H, W, C) uint8
+        if self.on_host:
+            padded = self.images[idx]  # (B, P, P, C) in host memory
+            if self.device.type == "cuda":
+                padded = padded.pin_memory()
+            images = self._gather(padded.to(self.device, non_blocking=True),
+                                  torch.arange(len(idx), device=self.device))
+            labels = self.labels[idx.to(self.device, non_blocking=True)]
+        else:
+            images, labels = self._gather(self.images, idx), self.labels[idx]  # (B, H, W, C) uint8
         if self.augment:
             images = self.augment(images, self.generator)
-        x, y = self._normalize(images), self.labels[idx]
+        x, y = self._normalize(images), labels
         return self.mix(x, y, self.generator) if self.mix else (x, y)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -179,11 +212,12 @@ class BatchLoader:
         for start in range(0, len(order), self.batch_size):
             yield self.batch(order[start : start + self.batch_size])
 
-    def _gather(self, idx: torch.Tensor) -> torch.Tensor:
-        """(B, H, W, C) uint8: crop and flip as one index computation, one gather."""
+    def _gather(self, source: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """(B, H, W, C) uint8: items `idx` of the padded `source` (on the device), cropped and flipped as one
+        index computation, one gather."""
         if not (self.pad or self.flip):
-            return self.images[idx]
-        b, s, padded = len(idx), self.size, self.images.shape[1]
+            return source[idx]
+        b, s, padded = len(idx), self.size, source.shape[1]
         hi = 2 * self.pad + 1
         dy = torch.randint(0, hi, (b, 1), device=self.device, generator=self.generator)
         dx = torch.randint(0, hi, (b, 1), device=self.device, generator=self.generator)
@@ -192,10 +226,23 @@ class BatchLoader:
         if self.flip:
             mirror = torch.randint(0, 2, (b, 1), device=self.device, generator=self.generator).bool()
             cols = torch.where(mirror, cols.flip(1), cols)
-        flat = self.images.view(-1, self.images.shape[-1])  # (N * P * P, C)
+        flat = source.view(-1, source.shape[-1])  # (N * P * P, C)
         pixel = (idx.view(b, 1, 1) * padded + rows.view(b, s, 1)) * padded + cols.view(b, 1, s)  # (B, S, S)
         return flat[pixel]  # (B, S, S, C)
 
     def _normalize(self, images: torch.Tensor) -> torch.Tensor:
         x = images.permute(0, 3, 1, 2).float()  # (B, C, H, W), channels_last memory
         return (x - self.mean) * self.inv_std
+
+
+def _fits(needed: int, device: torch.device, memory_gb: float) -> bool:
+    """Whether `needed` bytes of images may live on `device`: always off CUDA (the CPU's memory is the host's);
+    on a GPU within `memory_gb` GB, or half its free memory when 0. Says so when they do not."""
+    if device.type != "cuda":
+        return True
+    budget = memory_gb * 2**30 if memory_gb else torch.cuda.mem_get_info(device)[0] / 2
+    if needed <= budget:
+        return True
+    log.info("the images (%.1f GiB as uint8) exceed the GPU's budget (%.1f GiB, train.device_memory_gb): kept in "
+             "pinned host memory, each batch copied over", needed / 2**30, budget / 2**30)
+    return False

@@ -231,8 +231,10 @@ def compare(results: dict[str, ModelRobustness], bins: int, seed: int, resamples
     return pairs
 
 
-def load_official(folder: Path, corruptions: list[str], test_labels: torch.Tensor) -> dict[str, np.ndarray]:
-    """The official CIFAR-10-C arrays for `corruptions`, checked against the test split."""
+def load_official(folder: Path, corruptions: list[str], test_labels: torch.Tensor,
+                  image_shape: tuple[int, ...]) -> dict[str, np.ndarray]:
+    """The official CIFAR-10-C arrays for `corruptions`, checked against the test split (its labels, and its
+    images' shape: CIFAR-10-C is 32 x 32, the official test split at data.image_size 32)."""
     n = len(test_labels)
     labels_path = folder / "labels.npy"
     if not labels_path.is_file():
@@ -251,8 +253,9 @@ def load_official(folder: Path, corruptions: list[str], test_labels: torch.Tenso
         if not path.is_file():
             raise DataError(f"robustness.cifar10c: {path} not found; the folder must hold one .npy per corruption")
         array = np.load(path, mmap_mode="r")
-        if array.shape != (5 * n, 32, 32, 3) or array.dtype != np.uint8:
-            raise DataError(f"{path}: shape {array.shape} {array.dtype}, expected ({5 * n}, 32, 32, 3) uint8")
+        if array.shape != (5 * n, *image_shape) or array.dtype != np.uint8:
+            raise DataError(f"{path}: shape {array.shape} {array.dtype}, expected ({5 * n}, "
+                            f"{', '.join(map(str, image_shape))}) uint8: the test split's images (data.image_size)")
         arrays[name] = array
     return arrays
 
@@ -264,7 +267,8 @@ def measure(models: dict[str, tuple[nn.Module, dict]], test: Split, val: Split, 
     if cfg.subset > len(test):
         raise DataError(f"robustness.subset: {cfg.subset} is not allowed; the test split has {len(test)} images "
                         "(use at most that, or 0 for all)")
-    official = load_official(Path(cfg.cifar10c), cfg.corruptions, test.labels) if cfg.cifar10c else None
+    official = (load_official(Path(cfg.cifar10c), cfg.corruptions, test.labels, tuple(test.images.shape[1:]))
+                if cfg.cifar10c else None)
     subset = pick_subset(test.labels, cfg.subset, seed)
     images, labels = test.images[subset].to(device), test.labels[subset]
     results = {}

@@ -209,7 +209,8 @@ class TrainSteps:
         self.model, self.optimizer, self.loader = model, optimizer, loader
         self.dtype, self.cfg, self.ema = dtype, cfg, ema
         device, n = loader.device, len(loader.labels)
-        self.order = torch.zeros(n, dtype=torch.long, device=device)  # (N,) the epoch's permutation
+        self.order = torch.zeros(n, dtype=torch.long, device=loader.index_device)  # (N,) the epoch's permutation
+        self.done = 0  # with the images in host memory: the epoch's batches done so far, counted on the host
         self.batch = torch.zeros((), dtype=torch.long, device=device)  # batches of the epoch done so far
         self.loss_sum = torch.zeros((), device=device)  # sum of per-image losses over the epoch so far
         self.correct = torch.zeros((), dtype=torch.long, device=device)
@@ -237,6 +238,7 @@ class TrainSteps:
         """Run one epoch's steps (`first_step`: the run's step count before it), yielding after each
         the 1-based step and the images trained on so far."""
         self.order.copy_(self.loader.permutation())
+        self.done = 0
         self.batch.zero_()
         self.loss_sum.zero_()
         self.correct.zero_()
@@ -259,8 +261,12 @@ class TrainSteps:
 
     def step(self, batch_size: int) -> None:
         """Train on the epoch's next `batch_size` images and add them to the epoch's totals."""
-        start = self.batch * self.loader.batch_size  # () on the device
-        idx = self.order[start + torch.arange(batch_size, device=self.order.device)]  # (B,)
+        if self.loader.on_host:  # the indexes where the images are: a host step, never a graph's
+            idx = self.order[self.done * self.loader.batch_size:][:batch_size]  # (B,)
+            self.done += 1
+        else:
+            start = self.batch * self.loader.batch_size  # () on the device
+            idx = self.order[start + torch.arange(batch_size, device=self.order.device)]  # (B,)
         x, y = self.loader.batch(idx)
         loss, hits = train_step(self.model, self.optimizer, x, y, self.dtype, self.cfg)
         if self.ema:
@@ -314,11 +320,15 @@ def setup(model: nn.Module, train: Split, val: Split, cfg: TrainConfig, mean: li
     function exists, so that a graph records the resumed state."""
     generator = torch.Generator(device=device).manual_seed(seed)
     loader = BatchLoader(train, cfg.batch_size, device, mean, std, shuffle=True, crop_padding=cfg.crop_padding,
-                         flip=cfg.flip, generator=generator, augment=augmentation(cfg), mix=mixing(cfg, device))
-    val_loader = BatchLoader(val, cfg.eval_batch_size, device, mean, std)
+                         flip=cfg.flip, generator=generator, augment=augmentation(cfg), mix=mixing(cfg, device),
+                         memory_gb=cfg.device_memory_gb)
+    val_loader = BatchLoader(val, cfg.eval_batch_size, device, mean, std, memory_gb=cfg.device_memory_gb)
     dtype = resolve_precision(cfg.precision, device)
     model.to(device, memory_format=torch.channels_last)  # faster convolutions; no effect on linear layers
     graphs = use_cuda_graphs(cfg.cuda_graphs, device)
+    if graphs and loader.on_host:
+        log.info("%s: the training images are in host memory; each step gathers there, so no CUDA graph", name)
+        graphs = False
     optimizer = make_optimizer(model, cfg, capturable=graphs)
     ema = EMA(model, cfg.ema) if cfg.ema else None
     start = time.perf_counter()
