@@ -229,7 +229,7 @@ def project(tmp_path_factory) -> Path:
     rng = np.random.default_rng(0)
     splits = {name: (rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8), np.arange(n, dtype=np.int64) % 10)
               for name, n in (("train", 20), ("val", 10), ("test", 30))}
-    write_prepared(root / "data/prepared", splits, {"dataset": "cifar10", "classes": CLASSES,
+    write_prepared(root / "data/prepared", splits, {"dataset": "cifar10", "classes": CLASSES, "image_shape": [32, 32, 3],
                                                      "counts": {k: len(v[1]) for k, v in splits.items()}})
     actual = splits["test"][1]
     per_class, robustness_rows = [], {kind: [] for kind in ("corruptions", "occlusion", "reliability", "reliability_ts")}

@@ -214,6 +214,27 @@ def report(
 
 
 COPIED_TO_EVALUATE = ("params", "train_time_s")  # training metrics that metrics/evaluate.json repeats
+RECIPE_SHOWN = ("batch_size", "optimizer", "lr", "weight_decay", "schedule", "warmup", "label_smoothing",
+                "ema", "augment", "cutout", "mixup", "cutmix")  # the recipe keys the report's opening names
+
+
+def what_is_compared(meta: dict, trained: dict[str, dict]) -> str:
+    """The report's opening: the data (name, source, classes, size, images per split) and each model's budget
+    and recipe, so that the numbers below are read for what they are."""
+    counts = meta["counts"]
+    shape = meta["image_shape"]
+    source = meta.get("source", "")
+    data = (f"**Data**: {meta.get('name', meta['dataset'])} (`data.source`: `{source}`), {len(meta['classes'])} classes, "
+            f"images of {shape[0]}×{shape[1]} px"
+            + (f" (brought to that size by `{meta['resize']}`)" if meta.get("resize") and meta.get("stored_sizes", {})
+               not in ({}, {f"{shape[1]}x{shape[0]}": sum(counts.values())}) else "")
+            + f"; {counts['train']:,} training, {counts['val']:,} validation and {counts['test']:,} test images.")
+    models = []
+    for name, metrics in trained.items():
+        recipe = metrics.get("recipe", {})
+        keys = ", ".join(f"{k} {recipe[k]}" for k in RECIPE_SHOWN if k in recipe and recipe[k] not in (0, 0.0, "none"))
+        models.append(f"the {label(name)} {metrics.get('epochs', '?')} epochs ({keys})")
+    return data + "\n\n**Training**: " + "; ".join(models) + "."
 
 
 def write_report(results: Any, figures: Any, path: Path) -> None:
@@ -239,10 +260,10 @@ def write_report(results: Any, figures: Any, path: Path) -> None:
         listed.append((f"{label(name)} attention per head", link(heads[0]),
                        "The readout's attention in every layer and head, one figure per seeded image: "
                        + ", ".join(f"[{p.stem}]({link(p)})" for p in heads) + ". The first:"))
-    dataset = results.meta["dataset"]
-    intro = (f"{len(results.test)} test images of {dataset}. Written by the `visualize` stage of `dvc repro` from "
-             "`metrics/`, `models/*/config.json` and `plots/evaluate/`; every figure is in "
-             f"`{out.as_posix()}/`.")
+    dataset = results.meta.get("name", results.meta["dataset"])
+    intro = "\n".join([what_is_compared(results.meta, results.train_metrics), "",
+                        "Written by the `visualize` stage of `dvc repro` from `metrics/`, `models/*/config.json` and "
+                        f"`plots/evaluate/`; every figure is in `{out.as_posix()}/`."])
     title = f"{' vs '.join(label(n) for n in MODELS)} on {dataset}"
     text = report(title, intro, results.metrics, setups, results.classes, results.per_class, results.robustness,
                   results.paired, listed)
