@@ -1,7 +1,8 @@
 """Stage evaluate: each trained model on the test split, once.
 
 Writes metrics/evaluate.json (per model: test accuracy and loss, parameters, FLOPs per image,
-inference images/s, batch-1 latency, and the training time its model folder records),
+inference images/s, batch-1 latency, the training time its model folder records, and the test-time
+augmentation the accuracy was measured with),
 plots/evaluate/predictions/<model>.csv (one row per test
 image: the actual and predicted class names, which DVC's confusion template reads, their indices,
 and the confidence, the softmax probability of the predicted class) and plots/evaluate/per_class.csv
@@ -43,7 +44,7 @@ def main() -> None:
         model, config = load_model(paths.model_dir(name))
         model.to(device, memory_format=torch.channels_last)
         loader = BatchLoader(test, cfg.batch_size, device, config["mean"], config["std"])
-        result = evaluate_model(model, loader, dtype)
+        result = evaluate_model(model, loader, dtype, cfg.tta)
         speed = inference_speed(model, loader, dtype, cfg.throughput_batches, cfg.latency_runs)
         metrics[name] = {
             "test_acc": round(result["test_acc"], 6),
@@ -54,6 +55,7 @@ def main() -> None:
             "train_time_s": config["train_time_s"],
             "device": str(device),
             "precision": str(dtype).removeprefix("torch."),
+            "tta": cfg.tta,
         }
         per_class += [[name, c, round(acc, 6)] for c, acc in zip(classes, result["per_class_acc"])]
         rows = [(classes[a], classes[p], a, p, round(c, 6)) for a, p, c in

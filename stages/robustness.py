@@ -38,7 +38,7 @@ def main() -> None:
     dtype = resolve_precision(params.evaluate.precision, device)
     models = {name: load_model(paths.model_dir(name)) for name in MODELS}
     results = measure(models, load_split(paths.PREPARED, "test"), load_split(paths.PREPARED, "val"), cfg, params.seed,
-                      device, dtype)
+                      device, dtype, params.evaluate.tta)
 
     tables: dict[str, list[list]] = {"severity": [], "corruptions": [], "occlusion": [], "reliability": [],
                                      "reliability_ts": []}

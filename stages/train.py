@@ -17,14 +17,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from vitcnn import paths
 from vitcnn.checkpoint import fingerprint
 from vitcnn.cli import run_stage
-from vitcnn.config import load_params, params_dict, recipe_for
+from vitcnn.config import load_params, params_dict, recipe_for, recipe_key
 from vitcnn.data import load_meta, load_split, normalization
 from vitcnn.errors import UserError
 from vitcnn.io import write_csv, write_json
 from vitcnn.models import MODELS
 from vitcnn.models.store import build_model, count_params, model_params, save_model
 from vitcnn.runtime import keep_freed_memory, resolve_device, seed_everything, use_deterministic
-from vitcnn.train import fit
+from vitcnn.train import check_recipe_fits, fit
 
 
 def main() -> None:
@@ -44,6 +44,7 @@ def main() -> None:
     section = getattr(params, name)
     image_size = meta["image_shape"][0]
     model = build_model(name, len(meta["classes"]), section, image_size)
+    check_recipe_fits(model, recipe, recipe_key(params, name))  # before any work: airbench's options fit the model
     n_params = count_params(model)
     print(f"train_{name}: {n_params:,} parameters, {len(train)} train / {len(val)} val images on {device}")
 

@@ -23,6 +23,8 @@ VARIANTS = [(name, {}) for name in MODELS] + [
     ("vit", {"pooling": "mean", "depth": 2, "drop_path": 0.1}),
     ("cnn", {"block": "residual"}),
     ("cnn", {"block": "resnet9", "channels": [4, 8, 8, 16]}),
+    ("cnn", {"block": "airbench", "channels": [4, 8, 8]}),
+    ("vit", {"stem": "conv", "stem_layers": 1, "pooling": "seq", "depth": 2, "mlp_ratio": 2.0}),  # CCT-7/3x1's shape
 ]
 VARIANT_IDS = [f"{name}-{'-'.join(f'{k}={v}' for k, v in variant.items()) or 'default'}" for name, variant in VARIANTS]
 
@@ -91,6 +93,8 @@ def test_a_training_step_reaches_every_parameter_with_a_finite_gradient(name, va
     x, y = images(batch=4), torch.tensor([0, 1, 2, 3])
     torch.nn.functional.cross_entropy(model(x), y).backward()
     for pname, param in model.named_parameters():
+        if not param.requires_grad:  # fixed by design (airbench's batch-norm scales): not trained
+            continue
         assert param.grad is not None, f"{pname} got no gradient"
         assert torch.isfinite(param.grad).all(), f"{pname} has a non-finite gradient"
         assert param.grad.abs().sum() > 0, f"{pname} got a zero gradient"
@@ -117,7 +121,9 @@ def test_every_model_shows_where_it_looks(name, variant):
         cam = explain.gradcam(model, x, torch.tensor([1, 2]))
         assert cam.shape == (2, 32, 32) and (cam >= 0).all()
         blocks = model.feature_maps(x)
-        if name == "cnn":
+        if name == "cnn" and variant.get("block") == "airbench":  # a 2x2 whitening layer, then the pooling groups
+            assert [m.shape[-1] for m in blocks] == [31 >> i for i in range(len(blocks))]
+        elif name == "cnn":
             stem = variant.get("block") == "resnet9"  # a stem at full resolution, then the pooling layers
             assert [m.shape[-1] for m in blocks] == [32 >> (i + 1 - stem) for i in range(len(blocks))]
         assert all(m.ndim == 4 and m.shape[0] == 2 for m in blocks)

@@ -59,7 +59,7 @@ def test_the_original_recipe_is_the_defaults_and_the_strong_one_differs_per_mode
 
 
 @pytest.mark.parametrize("recipe, message", [
-    (None, "unknown recipe 'nope'; known recipes: original, strong"),
+    (None, "unknown recipe 'nope'; known recipes: " + ", ".join(p.stem for p in sorted((ROOT / "recipes").glob("*.yaml")))),
     ({"vit": {"depht": 8}}, "recipe 'nope' (recipes/nope.yaml): unknown key 'vit.depht' (did you mean 'vit.depth'?)"),
     ({"train": {"warmup": 1.5}}, "train.warmup: 1.5 is not allowed; use a fraction of the run in [0, 1)"),
     ({"vit": {"recipe": {"ema": 1.5}}}, "vit.recipe.ema: 1.5 is not allowed; use 0 (off) or a decay in (0, 1)"),

@@ -78,6 +78,13 @@ class Recipe:
     cutmix: float = 0.0  # Beta(alpha, alpha) of cutmix; 0 = off (with mixup too: one of the two at random)
     mix_prob: float = 1.0  # chance that a batch (or image) is mixed at all
     mix_per: Literal["batch", "image"] = "batch"  # one lambda per batch, or one per image
+    # airbench94's tricks (Jordan 2024), for any model they fit (each checked against the model at setup):
+    alternate_flip: bool = False  # flip each image every other epoch from a random first choice (needs flip)
+    whiten: int = 0  # k: set the first conv (k x k, 2*3*k*k filters) to whiten the training images' k x k patches
+    dirac: bool = False  # identity init of the first in-channels filters of each conv (a residual-like start)
+    bn_bias_lr: float = 1.0  # learning-rate multiplier of batch-norm biases (their weight decay divided by it)
+    bn_momentum: float = 0.0  # batch norm's running-statistics momentum (torch's convention); 0 = the model's own
+    lookahead: int = 0  # every k steps the weights move to their slow average and back (airbench's); 0 = off
 
 
 @dataclass(frozen=True)
@@ -111,6 +118,7 @@ def _model_section(spec: ModelSpec) -> type:
 class EvaluateConfig:
     batch_size: int = 1000
     precision: Literal["auto", "fp32", "bf16"] = "auto"
+    tta: Literal["none", "flip", "flip_translate"] = "none"  # test-time augmentation: logits averaged over views
     throughput_batches: int = 5  # timed batches for inference images/s (median)
     latency_runs: int = 50  # timed batch-1 forwards for latency (median)
 
@@ -169,6 +177,13 @@ def recipe_for(params: Any, name: str) -> TrainConfig:
     """The recipe model `name` trains with: train.*, with the keys its `recipe` sets replaced."""
     overrides = {k: v for k, v in dataclasses.asdict(getattr(params, name).recipe).items() if v is not None}
     return dataclasses.replace(params.train, **overrides)
+
+
+def recipe_key(params: Any, name: str) -> typing.Callable[[str], str]:
+    """Where model `name`'s recipe key is set, for messages: `<name>.recipe.<key>` if its recipe sets it, else
+    `train.<key>`."""
+    overridden = {k for k, v in dataclasses.asdict(getattr(params, name).recipe).items() if v is not None}
+    return lambda key: f"{name}.recipe.{key}" if key in overridden else f"train.{key}"
 
 
 def load_params(path: str | Path = "params.yaml", models: list[str] | tuple[str, ...] | None = None) -> Any:
@@ -300,8 +315,7 @@ def _check_values(p: Any, models: tuple[str, ...]) -> None:
     for name in models:
         section = getattr(p, name)
         section.check(name, size)
-        overridden = {k for k, v in dataclasses.asdict(section.recipe).items() if v is not None}
-        _check_recipe(recipe_for(p, name), lambda k: f"{name}.recipe.{k}" if k in overridden else f"train.{k}", size)
+        _check_recipe(recipe_for(p, name), recipe_key(p, name), size)
     require(e.batch_size >= 1, "evaluate.batch_size", e.batch_size, "use an integer >= 1")
     require(e.throughput_batches >= 1, "evaluate.throughput_batches", e.throughput_batches, "use an integer >= 1")
     require(e.latency_runs >= 1, "evaluate.latency_runs", e.latency_runs, "use an integer >= 1")
@@ -351,3 +365,10 @@ def _check_recipe(r: Recipe, key: typing.Callable[[str], str], size: int) -> Non
         require(0 <= getattr(r, name) <= 1, key(name), getattr(r, name), "use a probability in [0, 1]")
     for name in ("mixup", "cutmix"):
         require(getattr(r, name) >= 0, key(name), getattr(r, name), "use 0 (off) or a Beta alpha > 0, e.g. 0.8")
+    require(not r.alternate_flip or r.flip, key("alternate_flip"), r.alternate_flip, "it alternates flips: set flip: true")
+    require(r.whiten >= 0, key("whiten"), r.whiten, "use 0 (off) or the first conv's kernel size, e.g. 2")
+    require(r.bn_bias_lr > 0, key("bn_bias_lr"), r.bn_bias_lr, "use a multiplier > 0 (1 = as the other parameters)")
+    require(0 <= r.bn_momentum < 1, key("bn_momentum"), r.bn_momentum, "use 0 (the model's own) or a number in (0, 1)")
+    require(r.lookahead >= 0, key("lookahead"), r.lookahead, "use 0 (off) or a number of steps, e.g. 5")
+    require(not (r.lookahead and r.ema), key("lookahead"), r.lookahead,
+            "lookahead and an EMA both average the weights: set one of lookahead and ema to 0")

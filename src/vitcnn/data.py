@@ -134,9 +134,12 @@ class BatchLoader:
         mix: Callable | None = None,
         placement: str = "auto",
         memory_gb: float = 0.0,
+        alternate_flip: bool = False,
     ):
         """`placement`: where the uint8 images live: "auto" (on `device` when they fit its budget: `memory_gb`
-        GB, or half its free memory when 0; else in host memory), "device" or "host"."""
+        GB, or half its free memory when 0; else in host memory), "device" or "host". `alternate_flip`
+        (with `flip`): each image is flipped in every other epoch, starting from a random first choice
+        drawn once (airbench's), rather than at random in each."""
         if (shuffle or crop_padding or flip or augment or mix) and generator is None:
             raise ValueError("a random order or augmentation needs a seeded generator")
         self.batch_size, self.device, self.shuffle, self.generator = batch_size, device, shuffle, generator
@@ -158,6 +161,10 @@ class BatchLoader:
         self.mean = (torch.tensor(mean, device=device) * 255).view(1, channels, 1, 1)
         self.inv_std = 1 / (torch.tensor(std, device=device) * 255).view(1, channels, 1, 1)
         self.offsets = torch.arange(self.size, device=device)
+        self.first_flips = None  # alternate_flip: (N,) each image's flip in the first epoch, and its epoch's parity
+        if flip and alternate_flip:
+            self.first_flips = torch.randint(0, 2, (len(self.labels),), device=device, generator=generator)
+            self.parity = torch.ones((), dtype=torch.long, device=device)  # the first epoch turns it to 0
 
     def __len__(self) -> int:
         return -(-len(self.labels) // self.batch_size)
@@ -180,6 +187,8 @@ class BatchLoader:
         (drawn on the training device either way, so that both placements train on the same batches),
         else 0..N-1."""
         n = len(self.labels)
+        if self.first_flips is not None:  # a new epoch: every image flips the other way
+            self.parity.bitwise_xor_(1)
         if self.shuffle:
             order = torch.randperm(n, device=self.device, generator=self.generator)
             return order.to(self.index_device)  # with images in host memory: one copy per epoch
@@ -197,11 +206,12 @@ class BatchLoader:
             padded = self.images[idx]  # (B, P, P, C) in host memory
             if self.device.type == "cuda":
                 padded = padded.pin_memory()
-            images = self._gather(padded.to(self.device, non_blocking=True),
-                                  torch.arange(len(idx), device=self.device))
-            labels = self.labels[idx.to(self.device, non_blocking=True)]
+            on_device = idx.to(self.device, non_blocking=True)
+            images = self._gather(padded.to(self.device, non_blocking=True), torch.arange(len(idx), device=self.device),
+                                  on_device)
+            labels = self.labels[on_device]
         else:
-            images, labels = self._gather(self.images, idx), self.labels[idx]  # (B, H, W, C) uint8
+            images, labels = self._gather(self.images, idx, idx), self.labels[idx]  # (B, H, W, C) uint8
         if self.augment:
             images = self.augment(images, self.generator)
         x, y = self._normalize(images), labels
@@ -212,9 +222,9 @@ class BatchLoader:
         for start in range(0, len(order), self.batch_size):
             yield self.batch(order[start : start + self.batch_size])
 
-    def _gather(self, source: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        """(B, H, W, C) uint8: items `idx` of the padded `source` (on the device), cropped and flipped as one
-        index computation, one gather."""
+    def _gather(self, source: torch.Tensor, idx: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        """(B, H, W, C) uint8: entries `idx` of the padded `source` (on the device), which are the split's items
+        `items`, cropped and flipped as one index computation, one gather."""
         if not (self.pad or self.flip):
             return source[idx]
         b, s, padded = len(idx), self.size, source.shape[1]
@@ -224,7 +234,10 @@ class BatchLoader:
         rows = dy + self.offsets  # (B, S)
         cols = dx + self.offsets  # (B, S)
         if self.flip:
-            mirror = torch.randint(0, 2, (b, 1), device=self.device, generator=self.generator).bool()
+            if self.first_flips is not None:
+                mirror = (self.first_flips[items] ^ self.parity).bool().view(b, 1)
+            else:
+                mirror = torch.randint(0, 2, (b, 1), device=self.device, generator=self.generator).bool()
             cols = torch.where(mirror, cols.flip(1), cols)
         flat = source.view(-1, source.shape[-1])  # (N * P * P, C)
         pixel = (idx.view(b, 1, 1) * padded + rows.view(b, s, 1)) * padded + cols.view(b, 1, s)  # (B, S, S)

@@ -69,9 +69,10 @@ def inference_speed(model: nn.Module, loader: BatchLoader, dtype: torch.dtype, b
     }
 
 
-def evaluate_model(model: nn.Module, loader: BatchLoader, dtype: torch.dtype) -> dict:
-    """Test loss, accuracy, per-class accuracy and predictions of a model over a loader."""
-    logits = predict(model, loader, dtype)
+def evaluate_model(model: nn.Module, loader: BatchLoader, dtype: torch.dtype, tta: str) -> dict:
+    """Test loss, accuracy, per-class accuracy and predictions of a model over a loader (with test-time
+    augmentation `tta`)."""
+    logits = predict(model, loader, dtype, tta)
     predicted = logits.argmax(1)
     actual = loader.labels
     return {

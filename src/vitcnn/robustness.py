@@ -36,7 +36,7 @@ from vitcnn.config import RobustnessConfig
 from vitcnn.corruptions import CORRUPTIONS, corrupt
 from vitcnn.data import BatchLoader, Split, stratified_split
 from vitcnn.errors import DataError
-from vitcnn.runtime import autocast, predict
+from vitcnn.runtime import autocast, predict, tta_logits
 
 
 @dataclass
@@ -93,9 +93,10 @@ def pick_subset(labels: torch.Tensor, size: int, seed: int) -> torch.Tensor:
 
 
 def correct(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, config: dict, device: torch.device,
-            dtype: torch.dtype, batch_size: int, occlude: torch.Tensor | None = None) -> np.ndarray:
+            dtype: torch.dtype, batch_size: int, tta: str = "none", occlude: torch.Tensor | None = None) -> np.ndarray:
     """(N,) bool: whether `model` classifies each uint8 image (N, H, W, C) right, normalised as it was
-    trained; `occlude` (N, 1, H, W) bool marks pixels replaced by the mean colour (0 after normalisation)."""
+    trained, under test-time augmentation `tta` (as evaluate measures accuracy); `occlude` (N, 1, H, W) bool
+    marks pixels replaced by the mean colour (0 after normalisation)."""
     loader = BatchLoader(Split(images, labels), batch_size, device, config["mean"], config["std"])
     keep = None if occlude is None else (~occlude).to(device)
     model.eval()
@@ -104,7 +105,7 @@ def correct(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, config
         for start, (x, y) in zip(range(0, len(labels), batch_size), loader):
             if keep is not None:
                 x = x * keep[start : start + len(x)]
-            hits.append(model(x).argmax(1) == y)
+            hits.append(tta_logits(model, x, tta).argmax(1) == y)
     return torch.cat(hits).cpu().numpy()
 
 
@@ -261,9 +262,10 @@ def load_official(folder: Path, corruptions: list[str], test_labels: torch.Tenso
 
 
 def measure(models: dict[str, tuple[nn.Module, dict]], test: Split, val: Split, cfg: RobustnessConfig, seed: int,
-            device: torch.device, dtype: torch.dtype) -> dict[str, ModelRobustness]:
+            device: torch.device, dtype: torch.dtype, tta: str = "none") -> dict[str, ModelRobustness]:
     """Every measurement of this module for every model, each on the same images; `val` (the validation
-    split) only fits each model's temperature."""
+    split) only fits each model's temperature. Accuracies are under test-time augmentation `tta`, as
+    evaluate's; calibration is of the model's own logits."""
     if cfg.subset > len(test):
         raise DataError(f"robustness.subset: {cfg.subset} is not allowed; the test split has {len(test)} images "
                         "(use at most that, or 0 for all)")
@@ -274,7 +276,7 @@ def measure(models: dict[str, tuple[nn.Module, dict]], test: Split, val: Split, 
     results = {}
     for name, (model, config) in models.items():
         model.to(device, memory_format=torch.channels_last)
-        hits = correct(model, images, labels, config, device, dtype, cfg.batch_size)
+        hits = correct(model, images, labels, config, device, dtype, cfg.batch_size, tta)
         results[name] = ModelRobustness(clean_acc=float(hits.mean()), clean_correct=hits,
                                         corrupted_share=np.zeros(len(hits)))
     conditions = len(cfg.corruptions) * len(cfg.severities)
@@ -282,7 +284,7 @@ def measure(models: dict[str, tuple[nn.Module, dict]], test: Split, val: Split, 
         for severity in cfg.severities:
             corrupted = corrupted_images(images, corruption, severity, seed, cfg, official, subset)
             for name, (model, config) in models.items():
-                hits = correct(model, corrupted, labels, config, device, dtype, cfg.batch_size)
+                hits = correct(model, corrupted, labels, config, device, dtype, cfg.batch_size, tta)
                 results[name].corruption_acc.setdefault(corruption, {})[severity] = float(hits.mean())
                 results[name].corrupted_share += hits / conditions
     fractions = [0.0, *cfg.occlusion_fractions]
@@ -290,7 +292,7 @@ def measure(models: dict[str, tuple[nn.Module, dict]], test: Split, val: Split, 
         for fraction in fractions:
             mask = occlusion_masks(len(labels), images.shape[1], fraction, kind, cfg.occlusion_patch, seed)
             for name, (model, config) in models.items():
-                hits = correct(model, images, labels, config, device, dtype, cfg.batch_size, occlude=mask)
+                hits = correct(model, images, labels, config, device, dtype, cfg.batch_size, tta, occlude=mask)
                 results[name].occlusion_acc.setdefault(kind, {})[fraction] = float(hits.mean())
                 share = results[name].occluded_share.setdefault(kind, np.zeros(len(hits)))
                 share += hits / len(fractions)

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from filelock import FileLock, Timeout
 
 from vitcnn.data import BatchLoader
@@ -322,10 +323,29 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def tta_logits(model: nn.Module, x: torch.Tensor, tta: str) -> torch.Tensor:
+    """The model's logits of the batch `x` (B, C, H, W) under test-time augmentation `tta`: "none"; "flip",
+    the mean over the image and its mirror; "flip_translate", airbench's: half that, and half the mean of
+    the same over the image shifted one pixel up-left and one down-right (reflected at the border)."""
+    if tta == "none":
+        return model(x)
+
+    def mirrored(v: torch.Tensor) -> torch.Tensor:
+        return 0.5 * (model(v) + model(v.flip(-1)))
+
+    if tta == "flip":
+        return mirrored(x)
+    height, width = x.shape[-2:]
+    padded = F.pad(x, (1, 1, 1, 1), mode="reflect")
+    shifted = (padded[..., :height, :width], padded[..., 2:, 2:])  # up-left, down-right
+    return 0.5 * mirrored(x) + 0.25 * (mirrored(shifted[0]) + mirrored(shifted[1]))
+
+
 @torch.no_grad()
-def predict(model: nn.Module, loader: BatchLoader, dtype: torch.dtype) -> torch.Tensor:
-    """fp32 logits (N, classes) for every item of the loader, in order, on its device."""
+def predict(model: nn.Module, loader: BatchLoader, dtype: torch.dtype, tta: str = "none") -> torch.Tensor:
+    """fp32 logits (N, classes) for every item of the loader, in order, on its device (under test-time
+    augmentation `tta`, see `tta_logits`)."""
     model.eval()
     with autocast(loader.device, dtype):
-        logits = [model(x).float() for x, _ in loader]
+        logits = [tta_logits(model, x, tta).float() for x, _ in loader]
     return torch.cat(logits)

@@ -43,7 +43,7 @@ from vitcnn.augment import Augment, Mix, Mixed
 from vitcnn.checkpoint import Checkpoint, load_checkpoint, restore_rng_states, rng_states, save_checkpoint
 from vitcnn.config import Recipe, TrainConfig
 from vitcnn.data import BatchLoader, Split
-from vitcnn.errors import UserError
+from vitcnn.errors import ConfigError, UserError
 from vitcnn.runtime import CudaGraphStep, autocast, maybe_compile, predict, resolve_precision, use_cuda_graphs
 
 log = logging.getLogger(__name__)
@@ -78,15 +78,31 @@ def lr_at(step: int, steps_per_epoch: int, cfg: Recipe) -> float:
 
 
 def param_groups(model: nn.Module, cfg: Recipe) -> list[dict[str, Any]]:
-    """Weight decay on every parameter (`decay: all`), or only on weight matrices (`matrices`:
-    not on norms, biases, or what the model names in `no_weight_decay()`, its embeddings)."""
-    if cfg.decay == "all":
-        return [{"params": list(model.parameters()), "weight_decay": cfg.weight_decay}]
+    """The trained parameters in groups: weight decay on every parameter (`decay: all`), or only on weight
+    matrices (`matrices`: not on norms, biases, or what the model names in `no_weight_decay()`, its
+    embeddings). With `bn_bias_lr` != 1, batch norm's biases form a group of their own whose learning rate
+    is that many times the others' (`lr_scale`) and whose weight decay is divided by it, so that they decay
+    as much per step as they would otherwise (airbench's bias scaler)."""
     skip = model.no_weight_decay()
-    decayed, kept = [], []
+    bn_biases = {id(m.bias) for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+                 and m.bias is not None} if cfg.bn_bias_lr != 1 else set()
+    decayed, kept, scaled = [], [], []
     for name, p in model.named_parameters():
-        (decayed if p.ndim >= 2 and name not in skip else kept).append(p)
-    return [{"params": decayed, "weight_decay": cfg.weight_decay}, {"params": kept, "weight_decay": 0.0}]
+        if not p.requires_grad:
+            continue  # frozen (a whitening layer's filters, airbench's batch-norm scales)
+        if id(p) in bn_biases:
+            scaled.append(p)
+        elif cfg.decay == "all" or (p.ndim >= 2 and name not in skip):
+            decayed.append(p)
+        else:
+            kept.append(p)
+    groups = [{"params": decayed, "weight_decay": cfg.weight_decay}]
+    if kept or cfg.decay == "matrices":
+        groups.append({"params": kept, "weight_decay": 0.0})
+    if scaled:
+        decay = cfg.weight_decay if cfg.decay == "all" else 0.0
+        groups.append({"params": scaled, "weight_decay": decay / cfg.bn_bias_lr, "lr_scale": cfg.bn_bias_lr})
+    return groups
 
 
 def make_optimizer(model: nn.Module, cfg: Recipe, capturable: bool = False) -> torch.optim.Optimizer:
@@ -192,6 +208,30 @@ class EMA:
         self.apply()
 
 
+class Lookahead:
+    """airbench's lookahead: every `every` steps a slow copy of the weights (and batch-norm statistics) moves
+    towards the live ones by 1 - decay, and the live ones are set to it. The decay grows over the run as
+    0.95**5 * (t / T)**3 (t: steps done, T: all the run's steps), so the slow copy follows the live weights
+    closely at first and averages more at the end; after the last step the live weights are the slow ones."""
+
+    def __init__(self, model: nn.Module, every: int, total_steps: int):
+        self.every, self.total = every, total_steps
+        self._live = [v for v in model.state_dict().values() if v.is_floating_point()]
+        self._slow = [v.detach().clone() for v in self._live]
+
+    @torch.no_grad()
+    def after(self, steps_done: int) -> None:
+        """Called after each step with the run's steps done so far."""
+        if steps_done == self.total:
+            decay = 1.0  # the last step: the live weights become the slow ones
+        elif steps_done % self.every == 0:
+            decay = 0.95**5 * (steps_done / self.total) ** 3
+        else:
+            return
+        torch._foreach_lerp_(self._slow, self._live, 1 - decay)
+        torch._foreach_copy_(self._live, self._slow)
+
+
 class TrainSteps:
     """The steps of a training run, epoch by epoch: `step` is the whole of one step, on the device.
 
@@ -216,13 +256,14 @@ class TrainSteps:
         self.correct = torch.zeros((), dtype=torch.long, device=device)
         self.first_bad = torch.full((), -1, dtype=torch.long, device=device)  # first step with a non-finite loss
         self.full_batches, self.tail = divmod(n, loader.batch_size)
-        self.lr: torch.Tensor | None = None  # the optimizer's learning rate on the device, when graphed
+        self.lr_on_device = False  # whether the optimizer reads its learning rates from device tensors (graphed)
+        self.lookahead = Lookahead(model, cfg.lookahead, cfg.epochs * len(loader)) if cfg.lookahead else None
         self.full_step: Callable[[], None] = lambda: self.step(loader.batch_size)
         self.graph: CudaGraphStep | None = None
-        if graphs:
-            self.lr = torch.tensor(cfg.lr, device=device)
+        if graphs:  # the learning rates as device tensors the optimizer reads: set between replays
             for group in optimizer.param_groups:
-                group["lr"] = self.lr
+                group["lr"] = torch.tensor(cfg.lr * group.get("lr_scale", 1.0), device=device)
+            self.lr_on_device = True
             self.graph = CudaGraphStep(self.full_step, [loader.generator], name)
             self.full_step = self.graph
 
@@ -246,17 +287,20 @@ class TrainSteps:
         batches, n = len(self.loader), len(self.loader.labels)
         for step in range(batches):
             lr = lr_at(first_step + step, batches, self.cfg)
-            if self.lr is None:
-                for group in self.optimizer.param_groups:
-                    group["lr"] = lr
-            else:
-                self.lr.fill_(lr)
+            for group in self.optimizer.param_groups:
+                scaled = lr * group.get("lr_scale", 1.0)
+                if self.lr_on_device:
+                    group["lr"].fill_(scaled)
+                else:
+                    group["lr"] = scaled
             if self.ema:
                 self.ema.advance()
             if step < self.full_batches:
                 self.full_step()
             else:
                 self.step(self.tail)
+            if self.lookahead:  # between steps (every k of them), outside a captured graph
+                self.lookahead.after(first_step + step + 1)
             yield step + 1, min((step + 1) * self.loader.batch_size, n)
 
     def step(self, batch_size: int) -> None:
@@ -293,6 +337,76 @@ def mixing(cfg: Recipe, device: torch.device) -> Mix | None:
     return Mix(cfg.mixup, cfg.cutmix, cfg.mix_prob, cfg.mix_per, device)
 
 
+WHITENING_IMAGES = 5000  # training images whose patches the whitening layer is fitted to (airbench's number)
+WHITENING_EPS = 5e-4  # added to the patch covariance's eigenvalues before dividing by their roots (airbench's)
+
+
+def batch_norms(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+def first_conv(model: nn.Module) -> nn.Conv2d | None:
+    return next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+
+
+def check_recipe_fits(model: nn.Module, cfg: Recipe, key: Callable[[str], str]) -> None:
+    """The recipe's airbench options fit this model, else one line naming the key (`key(name)`: where it is
+    set, train.<name> or <model>.recipe.<name>) and what the model has."""
+    if cfg.bn_bias_lr != 1 or cfg.bn_momentum:
+        name = "bn_bias_lr" if cfg.bn_bias_lr != 1 else "bn_momentum"
+        if not batch_norms(model):
+            raise ConfigError(f"{key(name)}: {getattr(cfg, name)} is not allowed; this model has no batch norm")
+    if cfg.whiten:
+        conv = first_conv(model)
+        wanted = 2 * 3 * cfg.whiten**2
+        if conv is None or conv.kernel_size != (cfg.whiten, cfg.whiten) or conv.out_channels != wanted \
+                or conv.in_channels != 3 or conv.groups != 1:
+            shape = "no convolution" if conv is None else (f"a first conv of {conv.in_channels} -> {conv.out_channels} "
+                                                          f"channels, {conv.kernel_size[0]}x{conv.kernel_size[1]}")
+            raise ConfigError(f"{key('whiten')}: {cfg.whiten} is not allowed; whitening {cfg.whiten}x{cfg.whiten} "
+                              f"patches needs a first conv of 3 -> {wanted} channels, {cfg.whiten}x{cfg.whiten}; this "
+                              f"model has {shape}")
+    if cfg.dirac and not any(isinstance(m, nn.Conv2d) and m.out_channels >= m.in_channels for m in model.modules()):
+        raise ConfigError(f"{key('dirac')}: true is not allowed; this model has no convolution to start as an identity")
+
+
+@torch.no_grad()
+def dirac_init(model: nn.Module) -> None:
+    """Each conv's first in-channels filters pass their input through (airbench's identity start); the
+    others keep their initialisation."""
+    for conv in model.modules():
+        if isinstance(conv, nn.Conv2d) and conv.groups == 1 and conv.out_channels >= conv.in_channels:
+            nn.init.dirac_(conv.weight[: conv.in_channels])
+
+
+@torch.no_grad()
+def whitening_init(conv: nn.Conv2d, images: torch.Tensor, eps: float = WHITENING_EPS) -> None:
+    """Set `conv`'s filters to whiten the k x k patches of `images` (B, 3, H, W), normalised: the eigenvectors
+    of the patches' covariance divided by the roots of their eigenvalues, and their negatives (airbench's
+    initialisation); the filters are then frozen (only the bias learns)."""
+    k = conv.kernel_size[0]
+    patches = images.float().unfold(2, k, 1).unfold(3, k, 1).permute(0, 2, 3, 1, 4, 5).reshape(-1, 3 * k * k)
+    covariance = patches.T @ patches / len(patches)  # (3kk, 3kk)
+    eigenvalues, eigenvectors = torch.linalg.eigh(covariance.double())
+    filters = (eigenvectors.T / (eigenvalues + eps).sqrt()[:, None]).flip(0).float().view(-1, 3, k, k)
+    conv.weight.copy_(torch.cat([filters, -filters]).to(conv.weight.dtype))
+    conv.weight.requires_grad_(False)
+
+
+def start_from(model: nn.Module, cfg: Recipe, train: Split, mean: list[float], std: list[float]) -> None:
+    """The recipe's initialisation and batch-norm settings: dirac, whitening, batch-norm momentum."""
+    if cfg.dirac:
+        dirac_init(model)
+    if cfg.whiten:
+        device = next(model.parameters()).device
+        sample = Split(train.images[:WHITENING_IMAGES], train.labels[:WHITENING_IMAGES])
+        x = next(iter(BatchLoader(sample, len(sample), device, mean, std)))[0]  # normalised as training does
+        whitening_init(first_conv(model), x)
+    if cfg.bn_momentum:
+        for norm in batch_norms(model):
+            norm.momentum = cfg.bn_momentum
+
+
 @dataclass
 class Training:
     """Everything a run of recipe `cfg` trains with, set up once (`setup`); the benchmarks time its steps."""
@@ -321,10 +435,11 @@ def setup(model: nn.Module, train: Split, val: Split, cfg: TrainConfig, mean: li
     generator = torch.Generator(device=device).manual_seed(seed)
     loader = BatchLoader(train, cfg.batch_size, device, mean, std, shuffle=True, crop_padding=cfg.crop_padding,
                          flip=cfg.flip, generator=generator, augment=augmentation(cfg), mix=mixing(cfg, device),
-                         memory_gb=cfg.device_memory_gb)
+                         memory_gb=cfg.device_memory_gb, alternate_flip=cfg.alternate_flip)
     val_loader = BatchLoader(val, cfg.eval_batch_size, device, mean, std, memory_gb=cfg.device_memory_gb)
     dtype = resolve_precision(cfg.precision, device)
     model.to(device, memory_format=torch.channels_last)  # faster convolutions; no effect on linear layers
+    start_from(model, cfg, train, mean, std)  # before the optimizer: a frozen layer is left out of it
     graphs = use_cuda_graphs(cfg.cuda_graphs, device)
     if graphs and loader.on_host:
         log.info("%s: the training images are in host memory; each step gathers there, so no CUDA graph", name)

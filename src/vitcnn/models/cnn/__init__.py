@@ -7,6 +7,12 @@ conv+BN+ReLU and the max-pool, then a residual branch of two conv+BN+ReLU at the
 `block: resnet9` is that network whole: the first width is a stem at full resolution, each
 further width a conv+BN+ReLU and max-pool, residual after the first and the last of those
 (at 64-128-256-512: exactly cifar10-fast's ResNet-9), global max-pooling, logits x 1/8.
+`block: airbench` is airbench94's network (Jordan 2024): a 2x2 convolution of 24 channels
+with a bias (the layer the recipe's `whiten` initialises from the training images' patches)
+and a GELU, then per width a group of conv3x3 - max-pool - BN - GELU - conv3x3 - BN - GELU
+(bias-free convolutions; batch norm with eps 1e-12 and a fixed scale of 1, only its bias
+learnt), global max-pooling, a bias-free linear head and logits x 1/9; at 64-256-256 it is
+airbench94's 1.97M-parameter network.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ from vitcnn.models.spec import GradCam, ModelSpec
 @dataclass(frozen=True)
 class CNNParams:
     channels: list[int] = field(default_factory=lambda: [64, 128, 256, 512])
-    block: Literal["plain", "residual", "resnet9"] = "plain"
+    block: Literal["plain", "residual", "resnet9", "airbench"] = "plain"
 
     def check(self, section: str, img_size: int) -> None:
         key = f"{section}.channels"
@@ -30,8 +36,9 @@ class CNNParams:
         stem = self.block == "resnet9"  # its first width is a stem that keeps the resolution
         require(len(self.channels) >= 1 + stem, key, self.channels,
                 "resnet9 needs at least two widths: the stem's and one pooling layer's")
-        most = img_size.bit_length() - 1 + stem
-        require(2 ** (len(self.channels) - stem) <= img_size, key, self.channels,
+        size = img_size - (self.block == "airbench")  # airbench's 2x2 whitening layer takes one pixel off
+        most = size.bit_length() - 1 + stem
+        require(2 ** (len(self.channels) - stem) <= size, key, self.channels,
                 f"each {'width after the stem' if stem else 'block'} halves the image; at most {most} widths fit "
                 f"{img_size}x{img_size}")
 

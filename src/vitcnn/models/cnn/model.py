@@ -1,4 +1,4 @@
-"""The original program's CNN, a residual variant at the same widths, and ResNet-9.
+"""The original program's CNN, a residual variant at the same widths, ResNet-9, and airbench94's network.
 
 Plain blocks (the default): two 3x3 conv+BN+ReLU and a 2x2 max-pool, then global average
 pooling and a linear head; at channels (64, 128, 256, 512) it has 4,694,346 parameters for
@@ -6,9 +6,12 @@ pooling and a linear head; at channels (64, 128, 256, 512) it has 4,694,346 para
 the cifar10-fast network (Page 2018) whole — a conv+BN+ReLU stem at full resolution, then
 per further width conv+BN+ReLU and max-pool, with a residual branch after the first and the
 last; global max-pooling, a linear head without bias and logits scaled by 1/8; convolutions
-without bias (a BN follows each). At (64, 128, 256, 512) it has 6,573,120 parameters. All
-have the ViT's interface (`forward_features` / `forward_head`), so evaluation and figures
-never branch on the model type.
+without bias (a BN follows each). At (64, 128, 256, 512) it has 6,573,120 parameters.
+`airbench`: airbench94's network (Jordan 2024, `legacy/airbench94.py`): the whitening layer (a
+2x2 conv, 24 channels, with bias) and GELU, then per width conv - pool - BN - GELU - conv - BN -
+GELU, global max-pooling, a bias-free head and logits x 1/9; its batch norms have eps 1e-12 and
+learn only their bias. All have the ViT's interface (`forward_features` / `forward_head`), so
+evaluation and figures never branch on the model type.
 """
 
 from __future__ import annotations
@@ -17,6 +20,9 @@ import torch
 import torch.nn as nn
 
 from vitcnn.models.cnn import CNNParams
+
+
+WHITEN_KERNEL = 2  # airbench's whitening layer: 2x2 patches, 2 * 3 * 2 * 2 = 24 channels (each filter and its negative)
 
 
 def build(params: CNNParams, num_classes: int, img_size: int) -> "CNN":
@@ -75,6 +81,30 @@ def resnet9_blocks(in_chans: int, channels: list[int]) -> list[nn.Module]:
               for i, (a, b) in enumerate(zip(channels[:-1], channels[1:])))]
 
 
+class AirbenchNorm(nn.BatchNorm2d):
+    """airbench's batch norm: eps 1e-12, its scale fixed at 1 (not learnt), only its bias learnt."""
+
+    def __init__(self, channels: int):
+        super().__init__(channels, eps=1e-12)
+        self.weight.requires_grad_(False)
+
+
+class AirbenchGroup(nn.Sequential):
+    """conv3x3 - max-pool - BN - GELU - conv3x3 - BN - GELU: (B, in, H, W) -> (B, out, H/2, W/2)."""
+
+    def __init__(self, in_ch: int, out_ch: int):
+        super().__init__(nn.Conv2d(in_ch, out_ch, 3, padding=1, bias=False), nn.MaxPool2d(2), AirbenchNorm(out_ch),
+                         nn.GELU(), nn.Conv2d(out_ch, out_ch, 3, padding=1, bias=False), AirbenchNorm(out_ch), nn.GELU())
+
+
+def airbench_blocks(in_chans: int, channels: list[int]) -> list[nn.Module]:
+    """The whitening layer and its GELU, then a group per width."""
+    whiten_width = 2 * in_chans * WHITEN_KERNEL**2
+    widths = [whiten_width, *channels]
+    return [nn.Sequential(nn.Conv2d(in_chans, whiten_width, WHITEN_KERNEL, bias=True), nn.GELU()),
+            *(AirbenchGroup(a, b) for a, b in zip(widths[:-1], widths[1:]))]
+
+
 class CNN(nn.Module):
     def __init__(self, *, num_classes: int, channels: list[int], block: str, in_chans: int):
         """Every argument by keyword and without a default: the defaults are params.yaml's (CNNParams)."""
@@ -83,6 +113,10 @@ class CNN(nn.Module):
             self.blocks = nn.ModuleList(resnet9_blocks(in_chans, list(channels)))
             self.pool = nn.AdaptiveMaxPool2d(1)
             self.head = nn.Sequential(nn.Linear(channels[-1], num_classes, bias=False), Scale(0.125))
+        elif block == "airbench":
+            self.blocks = nn.ModuleList(airbench_blocks(in_chans, list(channels)))
+            self.pool = nn.AdaptiveMaxPool2d(1)
+            self.head = nn.Sequential(nn.Linear(channels[-1], num_classes, bias=False), Scale(1 / 9))
         else:
             make_block = {"plain": ConvBlock, "residual": ResidualBlock}[block]
             widths = [in_chans, *channels]
