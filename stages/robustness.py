@@ -51,9 +51,10 @@ def main() -> None:
         for kind, calibrated in (("reliability", r.calibration), ("reliability_ts", r.calibrated)):
             tables[kind] += [[name, *(b[k] for k in BIN_COLUMNS)] for b in calibrated.bins]
         s = r.summary()
+        kept = "not clearly above chance" if s["relative_robustness"] is None else \
+            f"{s['relative_robustness']:.2f} of clean"
         print(f"robustness: {name} clean {s['subset_clean_acc']:.4f}, corrupted {s['corruption_acc']:.4f} "
-              f"({s['relative_robustness']:.2f} of clean), ECE {s['ece']:.4f} "
-              f"({s['ece_ts']:.4f} at temperature {s['temperature']:.3f})")
+              f"({kept}), ECE {s['ece']:.4f} ({s['ece_ts']:.4f} at temperature {s['temperature']:.3f})")
     headers = {"severity": ["severity", "accuracy"], "corruptions": ["corruption", "severity", "accuracy"],
                "occlusion": ["fraction", "patches", "box"], "reliability": BIN_COLUMNS, "reliability_ts": BIN_COLUMNS}
     for kind, rows in tables.items():

@@ -336,3 +336,23 @@ def test_wrong_cifar10c_files_are_one_line(tmp_path, damage, message):
         np.save(folder / "labels.npy", np.zeros(12, dtype=np.uint8))
     with pytest.raises(DataError, match=message.replace("(", r"\(").replace(")", r"\)")):
         load_official(folder, ["contrast"], torch.from_numpy(labels), (32, 32, 3))
+
+
+def test_a_model_at_chance_gets_no_verdict_on_robustness_or_calibration():
+    from vitcnn.report import robustness_reading
+    from vitcnn.robustness import above_chance
+
+    guessing = above_chance(np.arange(1000) % 10 == 0, classes=10, temperature=20.0)  # 10% right: chance
+    assert not guessing["above"] and guessing["temperature_at_bound"] and guessing["ci95"][0] < 0.1
+    assert above_chance(np.arange(1000) % 10 < 3, classes=10, temperature=1.2)["above"]  # 30%: clearly above
+    assert not above_chance(np.arange(1000) % 10 < 3, classes=10, temperature=0.05)["above"]  # no minimum found
+    robustness = {"vit": {"relative_robustness": 0.9, "ece": 0.02, "temperature": 1.1, "ece_ts": 0.01},
+                  "cnn": {"relative_robustness": None, "ece": 0.2, "temperature": 20.0, "ece_ts": 0.1}}
+    pair = {"a": "vit", "b": "cnn", "at_chance": {"cnn": guessing},
+            "relative_robustness": {"diff": -0.07, "ci95": [-0.1, -0.05], "images": 500},
+            "ece": {"diff": -0.18, "ci95": [-0.2, -0.16], "images": 10000}}
+    lines = robustness_reading(robustness, [pair])
+    text = " ".join(lines)
+    assert "The CNN is not clearly above chance (test accuracy 10.0% [95% CI" in text
+    assert "no verdict on robustness or calibration between the ViT and the CNN" in text
+    assert "more gracefully" not in text and "better calibrated" not in text and "more accurate" not in text

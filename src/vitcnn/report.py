@@ -38,6 +38,8 @@ METRIC_LABELS = {
     "ece_ts": "ECE after temperature scaling",
     "nll_ts": "NLL after temperature scaling",
     "brier_ts": "Brier score after temperature scaling (0–2)",
+    "above_chance": "clearly above chance (95% interval of test accuracy above 1 / classes)",
+    "tta": "test-time augmentation",
 }
 
 
@@ -81,13 +83,40 @@ def figure_captions(specs: Sequence[ModelSpec]) -> dict[str, tuple[str, str]]:
         "temperature T fitted on the validation split (bottom; T > 1 softens an overconfident model, T < 1 "
         "sharpens an underconfident one; the predictions are the same)."))
     captions["learning_curves"] = ("Learning curves", "Loss and accuracy per epoch, train and validation.")
-    captions["confusion"] = ("Confusion matrices", "Rows: true class; each row sums to 1.")
+    captions["confusion"] = ("Confusion matrices", (
+        "Columns: the actual class, rows: the predicted one (as in `dvc plots show`); each column sums to 1."))
     return captions
 
 
 def as_written(value: Any) -> str:
-    """A value as JSON writes it (numbers and lists exactly as in the metrics file), strings bare."""
+    """A value as JSON writes it (numbers and lists exactly as in the metrics file), strings bare; a missing
+    value (a relative robustness of a model at chance) as a dash."""
+    if value is None:
+        return "— (not clearly above chance)"
     return value if isinstance(value, str) else json.dumps(value)
+
+
+FRACTIONS = {"test_acc", "subset_clean_acc", "corruption_acc", "relative_robustness", "occlusion_patches_acc",
+             "occlusion_box_acc"}  # shown as percentages
+
+
+def readable(key: str, value: Any) -> str:
+    """A metric for reading, with the value as written beside it where reading rounds it: '81.25% (0.8125)',
+    '167.1 M (167122432)', '1,205,898', '0.016 (0.016028)'."""
+    if value is None or isinstance(value, (str, bool)) or not isinstance(value, (int, float)):
+        return as_written(value)
+    written = as_written(value)
+    if key in FRACTIONS:
+        shown = f"{100 * value:.2f}%"
+    elif key == "flops_per_image":
+        shown = f"{value / 1e6:,.1f} M"
+    elif isinstance(value, int):
+        return f"{value:,}"
+    elif key.endswith("_s") or key.endswith("_ms") or key.endswith("images_per_s"):
+        shown = f"{value:,.1f}"
+    else:
+        shown = f"{value:.4f}".rstrip("0").rstrip(".")
+    return shown if shown.replace(",", "") == written else f"{shown} ({written})"
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
@@ -103,6 +132,10 @@ def robustness_reading(robustness: dict[str, dict], paired: list[dict]) -> list[
     for pair in paired:
         a, b = pair["a"], pair["b"]
         la, lb = label(a), label(b)
+        if pair.get("at_chance"):
+            lines += [at_chance(name, chance) + f"; no verdict on robustness or calibration between the {la} and "
+                      f"the {lb}." for name, chance in pair["at_chance"].items()]
+            continue
         robust, ece = pair["relative_robustness"], pair["ece"]
         lines.append(
             f"Under corruption the {la} keeps {100 * robustness[a]['relative_robustness']:.0f}% of its clean accuracy "
@@ -140,6 +173,16 @@ def robustness_reading(robustness: dict[str, dict], paired: list[dict]) -> list[
                      "Each model here is one training run; `vitcnn study run seeds` measures the spread between "
                      "seeds.")
     return lines
+
+
+def at_chance(name: str, chance: dict) -> str:
+    """'The CNN is not clearly above chance (...)': why a model's robustness and calibration say nothing."""
+    low, high = chance["ci95"]
+    why = f"test accuracy {100 * chance['accuracy']:.1f}% [95% CI {100 * low:.1f}, {100 * high:.1f}] over " \
+          f"{chance['images']:,} images, chance {100 * chance['chance']:.1f}%"
+    if chance.get("temperature_at_bound"):
+        why += "; its temperature fit stopped at the search's bound, finding no minimum"
+    return f"The {label(name)} is not clearly above chance ({why})"
 
 
 def _difference(difference: dict, scale: float, unit: str, digits: int = 1) -> str:
@@ -183,9 +226,10 @@ def report(
     names = [label(m) for m in models]
     keys = list(dict.fromkeys(k for m in models for k in metrics[m]))
     lines = [f"# {title}", "", intro, "", "## Test metrics", "",
-             "As written in `metrics/evaluate.json` (accuracy as a fraction, FLOPs counting a multiply-add as 2).", ""]
+             "From `metrics/evaluate.json`, each value as written there in brackets where it is rounded here "
+             "(FLOPs count a multiply-add as 2).", ""]
     lines += _table(["metric", *names], [[f"{METRIC_LABELS.get(k, k)} (`{k}`)",
-                                          *(as_written(metrics[m].get(k, "—")) for m in models)] for k in keys])
+                                          *(readable(k, metrics[m].get(k, "—")) for m in models)] for k in keys])
 
     settings = list(dict.fromkeys(k for m in models for k in setups[m]))
     shown = {k: [as_written(setups[m][k]) if k in setups[m] else "—" for m in models] for k in settings}
@@ -199,12 +243,12 @@ def report(
     lines += ["", "## Per-class test accuracy", ""]
     lines += _table(["class", *names], [[c, *(per_class[m][i] for m in models)] for i, c in enumerate(classes)])
 
-    lines += ["", "## Robustness and calibration", "", "As written in `metrics/robustness.json`: accuracy on a "
+    lines += ["", "## Robustness and calibration", "", "From `metrics/robustness.json`: accuracy on a "
               "fixed test subset, clean and under CIFAR-10-C's corruptions (mean over corruptions and severities) "
               "and occlusion (mean over the fractions removed); calibration on the whole test split.", ""]
     keys = list(dict.fromkeys(k for m in models for k in robustness[m]))
     lines += _table(["metric", *names], [[f"{METRIC_LABELS.get(k, k)} (`{k}`)",
-                                          *(as_written(robustness[m].get(k, "—")) for m in models)] for k in keys])
+                                          *(readable(k, robustness[m].get(k, "—")) for m in models)] for k in keys])
     lines += ["", *robustness_reading(robustness, paired)]
 
     lines += ["", "## Figures", ""]

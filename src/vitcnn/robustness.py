@@ -60,18 +60,28 @@ class ModelRobustness:
     clean_correct: np.ndarray | None = None  # (n,) bool per subset image
     corrupted_share: np.ndarray | None = None  # (n,) per subset image: share of (corruption, severity) it is right on
     occluded_share: dict[str, np.ndarray] = field(default_factory=dict)  # {kind: (n,) share of fractions right on}
+    chance: dict | None = None  # `above_chance` of its accuracy on the whole test split
+
+    @property
+    def learnt(self) -> bool:
+        """Whether the model is clearly above chance (and its temperature fit found a minimum): else comparing
+        its robustness or calibration with another's says nothing."""
+        return self.chance is None or self.chance["above"]
 
     def mean_corruption_acc(self) -> float:
         return float(np.mean([acc for severities in self.corruption_acc.values() for acc in severities.values()]))
 
-    def summary(self) -> dict[str, float]:
-        """The numbers for metrics/robustness.json (dvc metrics diff, dvc exp show, study summaries)."""
+    def summary(self) -> dict[str, float | None]:
+        """The numbers for metrics/robustness.json (dvc metrics diff, dvc exp show, study summaries). A model
+        not clearly above chance has no relative robustness (a ratio of two chance-level accuracies)."""
         mean = self.mean_corruption_acc()
         out = {
             "subset_clean_acc": round(self.clean_acc, 6),
             "corruption_acc": round(mean, 6),
-            "relative_robustness": round(mean / self.clean_acc, 6) if self.clean_acc else 0.0,
+            "relative_robustness": round(mean / self.clean_acc, 6) if self.clean_acc and self.learnt else None,
         }
+        if self.chance is not None:
+            out["above_chance"] = self.chance["above"]
         for kind, by_fraction in self.occlusion_acc.items():
             out[f"occlusion_{kind}_acc"] = round(float(np.mean(list(by_fraction.values()))), 6)
         if self.calibration:
@@ -176,9 +186,24 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
     def nll(log_t: float) -> float:
         return torch.nn.functional.cross_entropy(logits / math.exp(log_t), labels).item()
 
-    found = optimize.minimize_scalar(nll, bounds=(math.log(0.05), math.log(20.0)), method="bounded",
+    found = optimize.minimize_scalar(nll, bounds=tuple(math.log(b) for b in TEMPERATURE_BOUNDS), method="bounded",
                                      options={"xatol": 1e-5})
     return math.exp(found.x)
+
+
+TEMPERATURE_BOUNDS = (0.05, 20.0)  # the search's; a fit that ends at one found no minimum
+
+
+def above_chance(correct: np.ndarray, classes: int, temperature: float | None = None) -> dict:
+    """Whether accuracy `correct.mean()` over these images is clearly above chance (1 / classes): the lower end
+    of its 95% exact (Clopper-Pearson) interval above it, and a temperature fit, if given, not at a bound of its
+    search. A model at chance predicts little beyond one class; its robustness and calibration compare with
+    nothing."""
+    n, hits = len(correct), int(np.sum(correct))
+    low, high = stats.binomtest(hits, n).proportion_ci(0.95, method="exact") if n else (0.0, 1.0)
+    at_bound = temperature is not None and any(math.isclose(temperature, b, rel_tol=1e-3) for b in TEMPERATURE_BOUNDS)
+    return {"accuracy": hits / n if n else 0.0, "ci95": [float(low), float(high)], "images": n, "chance": 1 / classes,
+            "temperature_at_bound": at_bound, "above": bool(low > 1 / classes and not at_bound)}
 
 
 def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray, bins: int, axis: int = -1) -> np.ndarray:
@@ -195,7 +220,8 @@ def compare(results: dict[str, ModelRobustness], bins: int, seed: int, resamples
     (before and after temperature scaling) minus b's, each with a 95% paired bootstrap interval
     (percentile; scipy) over the images both saw: the subset for robustness and occlusion, the test split
     for ECE. An interval that contains 0 means the images cannot tell the two apart; an interval of None,
-    that there are too few images for one."""
+    that there are too few images for one. `at_chance` lists a model of the pair that is not clearly above
+    chance (`above_chance`), of which nothing should be concluded."""
     def relative(clean, share, axis=-1):
         return share.mean(axis) / clean.mean(axis)
 
@@ -215,7 +241,7 @@ def compare(results: dict[str, ModelRobustness], bins: int, seed: int, resamples
         for kind in ra.occluded_share:  # mean accuracy over the occluded fractions, as occlusion_<kind>_acc
             differences[f"occlusion_{kind}_acc"] = ((ra.occluded_share[kind], rb.occluded_share[kind]),
                                                     lambda sa, sb, axis=-1: sa.mean(axis) - sb.mean(axis))
-        row = {"a": a, "b": b}
+        row = {"a": a, "b": b, "at_chance": {m: results[m].chance for m in (a, b) if not results[m].learnt}}
         for key, (data, statistic) in differences.items():
             data = tuple(np.asarray(d, dtype=np.float64) for d in data)
             # A resample with no clean hit has no ratio (few images, a model near chance): the interval is
@@ -307,4 +333,5 @@ def measure(models: dict[str, tuple[nn.Module, dict]], test: Split, val: Split, 
         r.calibration = calibration(logits, labels_on_device, cfg.calibration_bins)
         r.temperature = temperature
         r.calibrated = calibration(logits / temperature, labels_on_device, cfg.calibration_bins)
+        r.chance = above_chance(r.calibration.correct, logits.shape[1], temperature)
     return results

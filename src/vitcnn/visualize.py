@@ -61,8 +61,9 @@ def learning_curves(histories: dict[str, list[dict]], path: Path, dpi: int) -> N
         ax_loss.plot(epochs, [r["val_loss"] for r in rows], "--s", color=c, ms=3, label=f"{shown} val")
         ax_acc.plot(epochs, [100 * r["train_acc"] for r in rows], "-o", color=c, ms=3, label=f"{shown} train")
         ax_acc.plot(epochs, [100 * r["val_acc"] for r in rows], "--s", color=c, ms=3, label=f"{shown} val")
+    last = max((r["epoch"] for rows in histories.values() for r in rows), default=1)
     for ax, title, ylabel in ((ax_loss, "Loss", "cross-entropy"), (ax_acc, "Accuracy", "accuracy (%)")):
-        ax.set(title=title, xlabel="epoch", ylabel=ylabel)
+        ax.set(title=title, xlabel="epoch", ylabel=ylabel, xlim=(0.5, last + 0.5))  # one epoch: a point, not a sliver
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         ax.xaxis.get_major_locator().set_params(integer=True)
@@ -71,16 +72,17 @@ def learning_curves(histories: dict[str, list[dict]], path: Path, dpi: int) -> N
 
 
 def confusion_matrices(confusions: dict[str, np.ndarray], classes: list[str], path: Path, dpi: int) -> None:
-    """Row-normalised confusion matrices (rows: true class), one panel per model."""
+    """Confusion matrices oriented as DVC's (actual class on x, predicted on y), each column normalised to the
+    images of its actual class, one panel per model. `confusions`: (actual, predicted) counts."""
     n = len(classes)
     fig, axes = plt.subplots(1, len(confusions), figsize=(6.2 * len(confusions), 5.4), squeeze=False,
                              layout="constrained")
     tick_size = 8 if n <= 20 else 4
     for ax, (name, counts) in zip(axes[0], confusions.items()):
-        rates = counts / counts.sum(1, keepdims=True).clip(min=1)
+        rates = (counts / counts.sum(1, keepdims=True).clip(min=1)).T  # (predicted, actual): columns sum to 1
         image = ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
         acc = np.trace(counts) / counts.sum()
-        ax.set(title=f"{label(name)} (test acc {100 * acc:.1f}%)", xlabel="predicted", ylabel="true")
+        ax.set(title=f"{label(name)} (test acc {100 * acc:.1f}%)", xlabel="actual", ylabel="predicted")
         ax.set_xticks(range(n), classes, rotation=90, fontsize=tick_size)
         ax.set_yticks(range(n), classes, fontsize=tick_size)
         if n <= 20:
@@ -88,7 +90,7 @@ def confusion_matrices(confusions: dict[str, np.ndarray], classes: list[str], pa
                 for j in range(n):
                     ax.text(j, i, f"{rates[i, j]:.2f}", ha="center", va="center", fontsize=6,
                             color="white" if rates[i, j] > 0.5 else "black")
-        fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="fraction of the true class")
+        fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="fraction of the actual class")
     fig.suptitle("Confusion matrices on the test split")
     save_figure(fig, path, dpi)
 
