@@ -67,7 +67,8 @@ def main() -> None:
 
     config = {"name": name, "num_classes": len(meta["classes"]), "image_size": image_size,
               "params": params_dict(model_params(name, section)), "classes": meta["classes"], "mean": mean, "std": std,
-              "best_epoch": result.best_epoch, "train_time_s": round(result.train_time_s, 2)}
+              "best_epoch": result.best_epoch, "train_time_s": round(result.train_time_s, 2),
+              "recipe": params_dict(recipe)}  # what this model was trained with: train.*, with its own recipe keys
     save_model(model, paths.model_dir(name), config)
     history = result.history
     write_csv(paths.history(name), list(history[0]), [list(r.values()) for r in history])
@@ -85,7 +86,9 @@ def main() -> None:
         "device": str(device),
         "precision": result.precision,
         "torch": torch.__version__,
-        "recipe": params_dict(recipe),  # what this model was trained with: train.*, with its own recipe keys
+        # Only what this model's own recipe sets apart from train.* (params.yaml's columns show the rest, and
+        # models/<name>/config.json the whole recipe): dvc exp show gets no column per model per recipe key.
+        "recipe": {k: v for k, v in params_dict(section.recipe).items() if v is not None},
     })
     checkpoint.unlink()  # every output is written: nothing left to resume
 

@@ -235,7 +235,7 @@ def project(tmp_path_factory) -> Path:
     per_class, robustness_rows = [], {kind: [] for kind in ("corruptions", "occlusion", "reliability", "reliability_ts")}
     for k, name in enumerate(MODELS):
         config = {"name": name, "num_classes": 10, "image_size": 32, "train_time_s": of(METRICS, name)["train_time_s"],
-                  "params": dataclasses.asdict(tiny_params(name)), "classes": CLASSES,
+                  "recipe": of(RECIPES, name), "params": dataclasses.asdict(tiny_params(name)), "classes": CLASSES,
                   "mean": list(FIXED_MEAN), "std": list(FIXED_STD), "best_epoch": 2}
         save_model(tiny(name), root / "models" / name, config)
         write_csv(root / "plots/train" / f"{name}.csv",

@@ -85,3 +85,25 @@ def test_the_recipes_old_name_still_works_for_a_release_with_a_notice(project, c
     assert vitcnn(["recipe", "seed"]) == 0
     assert capsys.readouterr().out.strip() == ""  # the original recipe: the defaults
     assert "recipe 'seed' is now called 'original'" in caplog.text
+
+
+def test_a_recipe_starts_from_the_committed_params_not_from_what_an_earlier_run_left(project, capsys, caplog):
+    import subprocess
+
+    for cmd in (["git", "init", "-q"], ["git", "add", "params.yaml", "recipes"],
+                ["git", "-c", "user.name=t", "-c", "user.email=t@e", "commit", "-q", "-m", "p"]):
+        subprocess.run(cmd, cwd=project, check=True)
+    from dvc.utils.hydra import apply_overrides
+
+    apply_overrides(project / "params.yaml", ["vit.depth=8", "train.lr=0.001"])  # as `dvc exp run -S` leaves it
+    assert vitcnn(["recipe", "strong"]) == 0
+    args = capsys.readouterr().out.split()
+    assert "vit.depth=6" in args and "train.lr=0.0003" in args  # back to the committed values
+    assert "params.yaml holds train.lr=0.001 (committed: 0.0003), vit.depth=8 (committed: 6)" in caplog.text
+    apply_overrides(project / "params.yaml", args[1::2])  # as `dvc exp run $(vitcnn recipe strong)` applies them
+    params = load_params(project / "params.yaml")
+    assert params.vit.depth == 6 and params.train.lr == 0.0003 and params.vit.stem == "conv"
+
+    apply_overrides(project / "params.yaml", ["vit.depth=8"])
+    assert vitcnn(["recipe", "strong", "--from-workspace"]) == 0
+    assert not any(a.startswith("vit.depth=") for a in capsys.readouterr().out.split())

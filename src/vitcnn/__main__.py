@@ -23,6 +23,9 @@ def add_recipe_parser(subparsers: argparse._SubParsersAction) -> None:
                                    "dvc exp run -n strong $(vitcnn recipe strong)")
     parser.add_argument("name", nargs="?", help="the recipe's name (the file's stem)")
     parser.add_argument("--list", action="store_true", help="list the recipes, one line each")
+    parser.add_argument("--from-workspace", action="store_true",
+                        help="build on the workspace's params.yaml as it is, even where it differs from the "
+                        "committed one (by default those keys go back to their committed values)")
     parser.set_defaults(handler=recipe_command)
 
 
@@ -31,7 +34,7 @@ def recipe_command(args: argparse.Namespace) -> int:
         for name, description in recipes.available().items():
             print(f"{name}: {description}")
         return 0
-    print(" ".join(recipes.flags(args.name)))
+    print(" ".join(recipes.flags(args.name, from_workspace=args.from_workspace)))
     return 0
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import shutil
+import subprocess
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -63,3 +64,23 @@ def with_overrides(overrides: list[str], params_path: Path = Path(PARAMS_FILE)) 
         except Exception as exc:  # DVC's own refusal of a value, e.g. a type hydra cannot merge
             raise ConfigError(first_line(exc)) from None
         return load_params(copy)
+
+
+def leftovers(params_path: Path = Path(PARAMS_FILE)) -> dict[str, tuple[Any, Any]]:
+    """{key: (committed value, value now)} of every param whose value in the workspace's params.yaml differs from
+    the committed one (HEAD's): what an earlier `dvc exp run -S` left there (DVC applies an experiment's params to
+    the workspace). Empty outside a Git repository or before the first commit."""
+    import yaml
+
+    done = subprocess.run(["git", "show", f"HEAD:./{params_path.name}"], cwd=params_path.resolve().parent,
+                          capture_output=True, text=True)
+    if done.returncode != 0 or not params_path.is_file():
+        return {}
+    committed = flatten(yaml.safe_load(done.stdout) or {})
+    now = flatten(yaml.safe_load(params_path.read_text()) or {})
+    return {k: (committed[k], now[k]) for k in now if k in committed and committed[k] != now[k]}
+
+
+def leftover_text(changed: dict[str, tuple[Any, Any]]) -> str:
+    """'vit.depth=8 (committed: 6), train.lr=0.001 (committed: 0.0003)'."""
+    return ", ".join(f"{k}={value_text(now)} (committed: {value_text(before)})" for k, (before, now) in changed.items())

@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 
 from vitcnn.errors import ConfigError, UserError
-from vitcnn.overrides import flatten, value_text, with_overrides
+from vitcnn.overrides import flatten, leftover_text, leftovers, value_text, with_overrides
 
 RECIPES = Path("recipes")
 # Old names that still work for one release, each with a one-line notice: name -> its name now.
@@ -61,9 +61,19 @@ def params_with(name: str, folder: Path = RECIPES, params_path: Path = Path("par
     return with_overrides(overrides(name, folder, params_path), params_path)
 
 
-def flags(name: str, folder: Path = RECIPES) -> list[str]:
-    """`-S key=value` for every key of the recipe, as separate arguments."""
-    return [arg for override in overrides(name, folder) for arg in ("-S", override)]
+def flags(name: str, folder: Path = RECIPES, from_workspace: bool = False) -> list[str]:
+    """`-S key=value` for every key of the recipe, as separate arguments; and, unless `from_workspace`, for
+    every other param the workspace's params.yaml holds at another value than the committed one (left there
+    by an earlier `dvc exp run -S`), its committed value, so that the run starts from what is committed plus
+    the recipe (a one-line notice names them)."""
+    sets = overrides(name, folder)
+    changed = {k: v for k, v in leftovers(folder.parent / "params.yaml").items()
+               if k not in {o.split("=", 1)[0] for o in sets}}
+    if changed and not from_workspace:
+        log.warning("params.yaml holds %s, left by an earlier run: the recipe starts from the committed values "
+                    "(--from-workspace keeps them)", leftover_text(changed))
+        sets = [f"{k}={value_text(before)}" for k, (before, _) in changed.items()] + sets
+    return [arg for override in sets for arg in ("-S", override)]
 
 
 def _description(path: Path) -> str:

@@ -262,9 +262,9 @@ RECIPE_SHOWN = ("batch_size", "optimizer", "lr", "weight_decay", "schedule", "wa
                 "ema", "augment", "cutout", "mixup", "cutmix")  # the recipe keys the report's opening names
 
 
-def what_is_compared(meta: dict, trained: dict[str, dict]) -> str:
+def what_is_compared(meta: dict, trained: dict[str, dict], configs: dict[str, dict]) -> str:
     """The report's opening: the data (name, source, classes, size, images per split) and each model's budget
-    and recipe, so that the numbers below are read for what they are."""
+    and recipe (from its models/<name>/config.json), so that the numbers below are read for what they are."""
     counts = meta["counts"]
     shape = meta["image_shape"]
     source = meta.get("source", "")
@@ -275,7 +275,7 @@ def what_is_compared(meta: dict, trained: dict[str, dict]) -> str:
             + f"; {counts['train']:,} training, {counts['val']:,} validation and {counts['test']:,} test images.")
     models = []
     for name, metrics in trained.items():
-        recipe = metrics.get("recipe", {})
+        recipe = configs[name].get("recipe", {})
         keys = ", ".join(f"{k} {recipe[k]}" for k in RECIPE_SHOWN if k in recipe and recipe[k] not in (0, 0.0, "none"))
         models.append(f"the {label(name)} {metrics.get('epochs', '?')} epochs ({keys})")
     return data + "\n\n**Training**: " + "; ".join(models) + "."
@@ -288,7 +288,7 @@ def write_report(results: Any, figures: Any, path: Path) -> None:
     for name in MODELS:
         config, trained = results.models[name][1], results.train_metrics[name]
         setup = {f"`{name}.{k}`": v for k, v in config["params"].items()}
-        setup |= {f"`{k}` (recipe)": v for k, v in trained.get("recipe", {}).items()}
+        setup |= {f"`{k}` (recipe)": v for k, v in config.get("recipe", {}).items()}
         setup |= {f"`{k}` (training)": v for k, v in trained.items() if k not in (*COPIED_TO_EVALUATE, "recipe")}
         setup |= {"input mean": config["mean"], "input std": config["std"]}
         setups[name] = setup
@@ -305,7 +305,8 @@ def write_report(results: Any, figures: Any, path: Path) -> None:
                        "The readout's attention in every layer and head, one figure per seeded image: "
                        + ", ".join(f"[{p.stem}]({link(p)})" for p in heads) + ". The first:"))
     dataset = results.meta.get("name", results.meta["dataset"])
-    intro = "\n".join([what_is_compared(results.meta, results.train_metrics), "",
+    configs = {name: results.models[name][1] for name in MODELS}
+    intro = "\n".join([what_is_compared(results.meta, results.train_metrics, configs), "",
                         "Written by the `visualize` stage of `dvc repro` from `metrics/`, `models/*/config.json` and "
                         f"`plots/evaluate/`; every figure is in `{out.as_posix()}/`."])
     title = f"{' vs '.join(label(n) for n in MODELS)} on {dataset}"
