@@ -2,7 +2,9 @@
 
 Writes metrics/robustness.json (per model: accuracy on the clean subset, mean accuracy under
 corruption, relative robustness, mean accuracy under occlusion, ECE, NLL, Brier score, and the
-temperature fitted on the validation split with those three after scaling by it), the paired
+temperature fitted on the validation split with those three after scaling by it; whether the model
+is clearly above chance; and which corruption parameters were used: CIFAR-10-C's, Tiny-ImageNet-C's
+or ImageNet-C's, by image size, or the official files), the paired
 differences between models in plots/robustness/paired.json and, for dvc plots, every model in one
 CSV each under plots/robustness/: accuracy per severity (mean over the corruptions), per corruption
 and severity, per occluded fraction, and the reliability bins before and after temperature scaling.
@@ -20,6 +22,7 @@ import numpy as np
 from vitcnn import paths
 from vitcnn.cli import run_stage
 from vitcnn.config import load_params
+from vitcnn.corruptions import parameter_set
 from vitcnn.data import load_split
 from vitcnn.io import write_csv, write_json
 from vitcnn.models import MODELS
@@ -37,8 +40,9 @@ def main() -> None:
     keep_freed_memory()
     dtype = resolve_precision(params.evaluate.precision, device)
     models = {name: load_model(paths.model_dir(name)) for name in MODELS}
-    results = measure(models, load_split(paths.PREPARED, "test"), load_split(paths.PREPARED, "val"), cfg, params.seed,
-                      device, dtype, params.evaluate.tta)
+    test = load_split(paths.PREPARED, "test")
+    results = measure(models, test, load_split(paths.PREPARED, "val"), cfg, params.seed, device, dtype,
+                      params.evaluate.tta)
 
     tables: dict[str, list[list]] = {"severity": [], "corruptions": [], "occlusion": [], "reliability": [],
                                      "reliability_ts": []}
@@ -60,7 +64,9 @@ def main() -> None:
     for kind, rows in tables.items():
         write_csv(paths.robustness_table(kind), ["model", *headers[kind]], rows)
     write_json(paths.PAIRED, compare(results, cfg.calibration_bins, params.seed))
-    write_json(paths.ROBUSTNESS, {name: r.summary() for name, r in results.items()})
+    # Which corruptions: the official CIFAR-10-C files, or generated with the parameter set for the image size.
+    source = "cifar10-c files" if cfg.cifar10c else parameter_set(test.images.shape[1])
+    write_json(paths.ROBUSTNESS, {name: {**r.summary(), "corruptions": source} for name, r in results.items()})
 
 
 if __name__ == "__main__":

@@ -202,3 +202,44 @@ def test_an_image_size_a_model_cannot_take_names_the_key(tmp_path):
     (tmp_path / "params.yaml").write_text("data:\n  image_size: 36\nvit:\n  patch_size: 8\n")
     with pytest.raises(ConfigError, match=r"vit.patch_size: 8 is not allowed; the image size 36"):
         load_params(tmp_path / "params.yaml")
+
+
+@pytest.mark.slow
+def test_every_stage_runs_on_a_folder_of_photos_at_48_px(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    import yaml
+
+    from conftest import dvc, make_tiny_project, run
+
+    repo, env = make_tiny_project(tmp_path)
+    members = {f"photos/{n}": d for n, d in class_folders(dict.fromkeys(COLOURS, 16)).items()}
+    (tmp_path / "photos.zip").write_bytes(zip_bytes(members))
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["data"].update(source="../photos.zip", dataset="folder", image_size=48, val_size=0.25, test_size=0.25)
+    params["robustness"].update(occlusion_patch=8)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    run(["git", "commit", "-qam", "photos at 48 px"], repo, env)
+    dvc("repro", cwd=repo, env=env, timeout=900)
+
+    meta = json.loads((repo / "data/prepared/meta.json").read_text())
+    assert meta["image_shape"] == [48, 48, 3] and meta["classes"] == sorted(COLOURS) and meta["name"] == "photos"
+    assert meta["counts"] == {"train": 27, "val": 9, "test": 12}
+    for name in ("vit", "cnn"):
+        assert json.loads((repo / "models" / name / "config.json").read_text())["image_size"] == 48
+    evaluate = json.loads((repo / "metrics/evaluate.json").read_text())
+    assert set(evaluate) == {"vit", "cnn"} and evaluate["vit"]["flops_per_image"] > 0
+    assert set(json.loads((repo / "metrics/robustness.json").read_text())) == {"vit", "cnn"}
+    report = (repo / "plots/report.md").read_text()
+    assert "on photos" in report and "images of 48×48 px (brought to that size by `crop`)" in report
+    for figure in ("compare_sample.png", "vit_attention.png", "cnn_features.png", "robustness.png", "occlusion.png"):
+        assert (repo / "plots/images" / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", figure
+    from PIL import Image as PILImage
+
+    with PILImage.open(repo / "plots/images/compare_sample.png") as shown:
+        assert shown.size[0] > 200  # the images, at their size, in a real figure
+    summary = subprocess.run([sys.executable, "-m", "dvc", "metrics", "show"], cwd=repo, env=env, capture_output=True,
+                             text=True)
+    assert summary.returncode == 0 and "test_acc" in summary.stdout

@@ -40,6 +40,7 @@ METRIC_LABELS = {
     "brier_ts": "Brier score after temperature scaling (0–2)",
     "above_chance": "clearly above chance (95% interval of test accuracy above 1 / classes)",
     "tta": "test-time augmentation",
+    "corruptions": "corruption parameters (by image size: CIFAR-10-C's, Tiny-ImageNet-C's, ImageNet-C's)",
 }
 
 
