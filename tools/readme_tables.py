@@ -52,6 +52,8 @@ CITED = {
     "1-2 points": "the JPEG copy against the official files (../shared/datasets/README.md)",
     "1–2 points": "the same",
 }
+# A confidence level is a choice, not a measurement: "95%" before the kind of interval it qualifies.
+CONFIDENCE_LEVEL = re.compile(r"95%(?= (paired|Student|t |exact|confidence|CI|interval|bootstrap))")
 
 
 # --- reading the files -------------------------------------------------------------------------
@@ -304,8 +306,35 @@ def block_benchmark(name: str) -> str:
             f"{len(runs) // max(1, len(rows))} runs per model, each the median of its windows.</sub>")
 
 
+# Validation accuracies whose time to reach the time-to-accuracy table gives, per model (others: the ViT's).
+TARGETS = {"cnn": (0.90, 0.93), "vit": (0.80, 0.85)}
+
+
+def block_time_to_accuracy() -> str:
+    """For every saved run and model: the epoch and training time at which validation accuracy first reached
+    each target, or that no epoch of the run did."""
+    rows, notes = [], []
+    for folder in sorted((ROOT / saved.RESULTS).iterdir()):
+        if not (folder / "plots" / "train").is_dir():
+            continue
+        info = run_info(folder.name)
+        for model in models_of(info):
+            history = info["history"][model]
+            best = max(float(r["val_acc"]) for r in history)
+            cells = []
+            for target, found in saved.time_to_accuracy(history, list(TARGETS.get(model, TARGETS["vit"]))).items():
+                cells.append(f"{pct(target, 0)}: " + (f"epoch {found['epoch']}, {seconds(found['seconds'])}" if found
+                                                      else f"not in {len(history)} epochs (best {pct(best)})"))
+            rows.append([f"[`{folder.name}`](results/{folder.name}/)", describe(model, info["params"]), *cells])
+        notes.append(f"`{folder.name}`: {machine_text(info['machine'])}, commit `{info['machine']['commit'][:7]}`")
+    head = ["run", "model", "first target", "second target"]
+    return (table(head, rows) + "\n\n<sub>Validation accuracy; the time is the epochs' own training time summed "
+            "(validation and compilation left out), from each run's `plots/train/<model>.csv` "
+            "(`python benchmarks/time_to_accuracy.py --from results/<run>`). " + "; ".join(notes) + ".</sub>")
+
+
 BLOCKS = {"recipes": block_recipes, "run": block_run, "robustness": block_robustness, "study": block_study,
-          "benchmark": block_benchmark}
+          "benchmark": block_benchmark, "time-to-accuracy": block_time_to_accuracy}
 
 
 # --- the README --------------------------------------------------------------------------------
@@ -337,6 +366,7 @@ def unbacked_numbers(text: str) -> list[tuple[int, str]]:
             continue
         line = re.sub(r"`[^`]*`", "", line)  # inline code: commands, keys, values
         line = re.sub(r"\]\([^)]*\)", "]", line)  # link targets
+        line = CONFIDENCE_LEVEL.sub("", line)
         for match in MEASURED.finditer(line):
             quoted = match.group(0).strip()
             if not any(quoted in cited and cited in line for cited in CITED):

@@ -207,3 +207,20 @@ def _now() -> str:
 def _mtime(path: Path) -> str:
     stamp = path.stat().st_mtime if path.exists() else datetime.datetime.now().timestamp()
     return datetime.datetime.fromtimestamp(stamp, datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def time_to_accuracy(history: list[dict], targets: list[float]) -> dict[float, dict | None]:
+    """For each validation-accuracy target: the first epoch that reached it and the training time until then
+    (the epochs' own times summed; validation and setup left out), or None when no epoch did. `history`: a
+    run's plots/train/<model>.csv rows (epoch, val_acc, epoch_time_s)."""
+    reached: dict[float, dict | None] = {}
+    for target in targets:
+        elapsed, found = 0.0, None
+        for row in history:
+            elapsed += float(row["epoch_time_s"])
+            if float(row["val_acc"]) >= target:
+                found = {"epoch": int(float(row["epoch"])), "seconds": round(elapsed, 1),
+                         "val_acc": float(row["val_acc"])}
+                break
+        reached[target] = found
+    return reached
