@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 PARAMS = Path("params.yaml")
+LOCK = Path("dvc.lock")  # which code, params and data made the outputs (DVC's)
 PREPARED = Path("data/prepared")  # train/val/test .safetensors and meta.json (prepare)
 DOWNLOADS = Path("data/raw")  # the official archive, downloaded once
 CHECKPOINTS = Path("checkpoints")  # resume checkpoints, <model>/last.pt (neither git's nor DVC's)

@@ -21,11 +21,13 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+from vitcnn import paths
 from vitcnn.errors import UserError, first_line
 from vitcnn.io import write_json
 
 RESULTS = Path("results")
-SAVED = ("params.yaml", "dvc.lock", "metrics", "plots")  # what a saved run holds, besides machine.json
+# What a saved run holds, besides machine.json, as the project's own paths (posix, relative to its root).
+SAVED = tuple(p.as_posix() for p in (paths.PARAMS, paths.LOCK, paths.METRICS, paths.PLOTS))
 MACHINE_FILE = "machine.json"
 NAME = re.compile(r"[a-z0-9][a-z0-9._-]*")
 
@@ -48,7 +50,7 @@ def save(name: str, exp: str | None = None, note: str = "", force: bool = False,
     if target.exists() and not force:
         raise ResultsError(f"{target} exists already; choose another name, or replace it with --force")
     files = _experiment_files(exp, root) if exp else _workspace_files(root)
-    missing = [p for p in ("params.yaml", "dvc.lock", "metrics/evaluate.json") if p not in files]
+    missing = [p for p in (p.as_posix() for p in (paths.PARAMS, paths.LOCK, paths.EVALUATE)) if p not in files]
     if missing:
         where = f"experiment '{exp}'" if exp else "the workspace"
         raise ResultsError(f"{where} has no {missing[0]}; run the pipeline first (dvc repro)")
@@ -67,9 +69,10 @@ def save(name: str, exp: str | None = None, note: str = "", force: bool = False,
 
 def provenance(name: str, exp: str | None, note: str, files: dict[str, bytes], root: Path) -> dict[str, Any]:
     """machine.json: where and with what the run was made, and how long its training took."""
-    metrics = {p: json.loads(files[p]) for p in files if p.startswith("metrics/") and p.endswith(".json")}
-    trained = {p.removeprefix("metrics/train_").removesuffix(".json"): m for p, m in metrics.items()
-               if p.startswith("metrics/train_")}
+    from vitcnn.models import MODELS
+
+    trained = {m: json.loads(files[paths.train_metrics(m).as_posix()]) for m in MODELS
+               if paths.train_metrics(m).as_posix() in files}
     commit = _git("rev-parse", f"{_experiment_rev(exp, root)}^" if exp else "HEAD", root=root).strip()
     info: dict[str, Any] = {
         "name": name,
@@ -78,7 +81,7 @@ def provenance(name: str, exp: str | None, note: str, files: dict[str, bytes], r
         "code_changes": [] if exp else _changed_code(root),
         "saved_at": _now(),
         "run_date": (_git("log", "-1", "--format=%cI", _experiment_rev(exp, root), root=root).strip() if exp
-                     else _mtime(root / "metrics" / "evaluate.json")),
+                     else _mtime(root / paths.EVALUATE)),
         "machine": machine(),
         "software": software(),
         "trained": {model: {k: m.get(k) for k in ("device", "precision", "torch", "epochs", "train_time_s",
@@ -127,10 +130,10 @@ def load(folder: Path) -> dict[str, Any]:
 
     if not (folder / MACHINE_FILE).is_file():
         raise ResultsError(f"{folder}: not a saved run (no {MACHINE_FILE}); write one with `vitcnn results save`")
-    metrics = {p.relative_to(folder / "metrics").as_posix(): json.loads(p.read_text())
-               for p in sorted((folder / "metrics").glob("*.json"))}
+    metrics = {p.relative_to(folder / paths.METRICS).as_posix(): json.loads(p.read_text())
+               for p in sorted((folder / paths.METRICS).glob("*.json"))}
     return {"folder": folder, "machine": json.loads((folder / MACHINE_FILE).read_text()),
-            "params": yaml.safe_load((folder / "params.yaml").read_text()), "metrics": metrics}
+            "params": yaml.safe_load((folder / paths.PARAMS).read_text()), "metrics": metrics}
 
 
 # --- where the files come from ------------------------------------------------------------
