@@ -88,7 +88,8 @@ def main() -> None:
         "torch": torch.__version__,
         # Only what this model's own recipe sets apart from train.* (params.yaml's columns show the rest, and
         # models/<name>/config.json the whole recipe): dvc exp show gets no column per model per recipe key.
-        "recipe": {k: v for k, v in params_dict(section.recipe).items() if v is not None},
+        # None at all when it sets nothing: DVC drops an empty mapping, and the file should read as it shows.
+        **({"recipe": own} if (own := {k: v for k, v in params_dict(section.recipe).items() if v is not None}) else {}),
     })
     checkpoint.unlink()  # every output is written: nothing left to resume
 

@@ -107,3 +107,34 @@ def test_a_recipe_starts_from_the_committed_params_not_from_what_an_earlier_run_
     apply_overrides(project / "params.yaml", ["vit.depth=8"])
     assert vitcnn(["recipe", "strong", "--from-workspace"]) == 0
     assert not any(a.startswith("vit.depth=") for a in capsys.readouterr().out.split())
+
+
+
+def git(project: Path, *args: str) -> None:
+    import subprocess
+
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@e", *args], cwd=project, check=True)
+
+
+def test_a_refused_value_left_by_an_earlier_run_says_how_to_undo_it(project, capsys):
+    from dvc.utils.hydra import apply_overrides
+
+    from vitcnn.cli import run_stage
+
+    git(project, "init", "-q")
+    git(project, "add", "params.yaml")
+    git(project, "commit", "-qm", "params")
+    apply_overrides(project / "params.yaml", ["vit.embed_dim=130", "train.lr=0.001"])  # as `dvc exp run -S` leaves them
+    with pytest.raises(SystemExit) as stopped:
+        run_stage("train_vit", lambda: load_params(Path("params.yaml")))
+    assert stopped.value.code == 1
+    error = capsys.readouterr().err.strip()
+    assert "\n" not in error and error.startswith("train_vit: error: vit.num_heads: 4 is not allowed; vit.embed_dim (130)")
+    # the key the error names (not every leftover), its committed value, and the way back
+    assert error.endswith("; params.yaml now holds vit.embed_dim=130 (committed: 128) — git checkout params.yaml to undo")
+
+    git(project, "commit", "-qam", "the user's own choice")  # committed: there is nothing to undo
+    with pytest.raises(SystemExit):
+        run_stage("train_vit", lambda: load_params(Path("params.yaml")))
+    error = capsys.readouterr().err
+    assert "vit.embed_dim" in error and "git checkout" not in error

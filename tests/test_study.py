@@ -3,10 +3,13 @@ errors before anything is queued, and a real 3-seed study on DVC's queue in a ti
 
 from __future__ import annotations
 
+import errno
 import json
 import math
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 from matplotlib.collections import PathCollection
@@ -14,7 +17,8 @@ from matplotlib.collections import PathCollection
 from conftest import ROOT, dvc, make_tiny_project, run
 from vitcnn.__main__ import main as vitcnn
 from vitcnn.study import report, runs
-from vitcnn.study.experiments import Baseline, Experiment, parse
+from vitcnn.study.grid import StudyError
+from vitcnn.study.experiments import Baseline, Experiment, last_error, parse
 from vitcnn.study.summary import estimate, summarize
 
 T_975 = {2: 4.302652729911275, 3: 3.182446305284263}  # Student t quantiles, from tables (df: value)
@@ -184,6 +188,217 @@ def test_the_grid_is_dvcs_own_expansion_seed_by_seed(tmp_path, monkeypatch):
                                            ("train.epochs=3", "data.subset=5000", "seed=0")]
 
 
+def test_a_study_takes_exactly_its_runs_name_dash_integer(tmp_path, monkeypatch, capsys):
+    found = [experiment(name, seed, 0.5 + seed / 100, 0.6) for seed, name in
+             enumerate(["v3-0", "v3-1", "v3b-0", "v3c-1", "v3-best", "v3-0-old"])]
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("vitcnn.study.experiments.load", lambda all_commits: (found, []))
+    assert vitcnn(["study", "summarize", "--name", "v3", "--json", "--out", str(tmp_path / "o")]) == 0
+    (group,) = json.loads(capsys.readouterr().out)["groups"]
+    assert group["experiments"] == ["v3-0", "v3-1"]
+
+
+def test_an_unavailable_device_or_missing_data_is_one_line_before_queueing(tmp_path, monkeypatch, capsys):
+    (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    monkeypatch.setattr("vitcnn.study.queue.submit", lambda *a, **k: pytest.fail("queued a study that must fail"))
+    assert vitcnn(["study", "run", "seeds", "-S", "device=cuda"]) == 1
+    assert capsys.readouterr().err == ("vitcnn study: error: -S device=cuda: this machine has no CUDA device that "
+                                       "torch can use; use device=auto or cpu, or run the study where there is one "
+                                       "(--cluster)\n")
+    assert vitcnn(["study", "run", "seeds", "-S", "data.source=../nowhere.tar.gz"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"data.source: ../nowhere.tar.gz does not exist (relative to the project: " \
+        f"{(tmp_path / '../nowhere.tar.gz').resolve()})" in err
+    (tmp_path / "dvc.lock").write_text("")  # what DVC leaves after a full disk
+    assert vitcnn(["study", "run", "seeds"]) == 1
+    assert "dvc.lock is empty (left by a DVC command that ran out of disk space?)" in capsys.readouterr().err
+
+
+class FakeQueue:
+    """DVC's celery queue as `queue.wait` sees it: each status() is the next poll of a script; no
+    worker process files (wdir), so no worker lives."""
+
+    wdir = "/nonexistent"
+
+    def __init__(self, polls: list[list[tuple[str, str, int]]], on_poll=None, workers: int = 1):
+        self.polls, self.calls, self.on_poll, self.workers = polls, 0, on_poll, workers
+
+    def status(self) -> list[dict]:
+        poll = self.polls[min(self.calls, len(self.polls) - 1)]
+        self.calls += 1
+        assert self.calls < 20, "still waiting after 20 polls"
+        return [{"name": name, "status": status, "timestamp": t, "rev": f"{name}{t}"} for name, status, t in poll]
+
+    def worker_status(self) -> dict:
+        return {f"worker-{i}": [] for i in range(self.workers)}
+
+    def _iter_active_tasks(self) -> list:
+        return []
+
+
+@pytest.fixture
+def fake_queue(monkeypatch):
+    """Install a FakeQueue behind `queue.open_repo`; no waiting between polls."""
+    import contextlib
+    import types
+
+    from vitcnn.study import queue
+
+    def install(polls, on_poll=None, workers=1):
+        fake = FakeQueue(polls, on_poll, workers)
+
+        @contextlib.contextmanager
+        def open_repo(root):
+            yield types.SimpleNamespace(experiments=types.SimpleNamespace(celery_queue=fake))
+
+        monkeypatch.setattr(queue, "open_repo", open_repo)
+        monkeypatch.setattr(queue.time, "sleep", lambda s: fake.on_poll and fake.on_poll())
+        return fake
+
+    return install
+
+
+def test_wait_follows_a_requeued_seed_by_its_latest_entry(fake_queue):
+    from vitcnn.study import queue
+
+    # DVC lists running tasks first, failed ones after: the old failure of s-1 came last.
+    fake = fake_queue([[("s-1", "Running", 2), ("s-0", "Success", 0), ("s-1", "Failed", 1)],
+                       [("s-1", "Success", 2), ("s-0", "Success", 0), ("s-1", "Failed", 1)]])
+    assert queue.wait(["s-0", "s-1"], "s", poll_s=0).states == {"s-0": "Success", "s-1": "Success"}
+    assert fake.calls == 2
+
+
+def test_runs_queued_with_no_worker_left_end_the_waiting_with_one_line(fake_queue):
+    from vitcnn.study import queue
+
+    fake_queue([[("s-0", "Success", 0), ("s-1", "Queued", 0)]], workers=0)  # its worker was killed
+    with pytest.raises(StudyError, match=r"^1 runs of 's' are queued and no DVC queue worker is running \(stopped, "
+                                         r"or killed\?\): start workers with `dvc queue start -j 2`, then follow "
+                                         r"them with `vitcnn study wait s`$"):
+        queue.wait(["s-0", "s-1"], "s", poll_s=0, jobs=2)
+
+
+def test_wait_exits_nonzero_when_runs_failed(fake_queue, tmp_path, monkeypatch):
+    fake_queue([[("s-0", "Success", 0), ("s-1", "Failed", 0), ("s-2", "Failed", 0)]])
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("vitcnn.study.cli.summarize_command", lambda *a, **k: 0)
+    assert vitcnn(["study", "wait", "s"]) == 1
+
+
+def test_the_time_left_counts_only_runs_finished_while_waiting(fake_queue, monkeypatch):
+    from vitcnn.study import queue
+
+    bars, shown = [], []
+
+    class Bar(queue.tqdm):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            bars.append(self)
+
+    monkeypatch.setattr(queue, "tqdm", Bar)
+    fake_queue([[("s-0", "Success", 0), ("s-1", "Success", 0), ("s-2", "Running", 0), ("s-3", "Running", 0)],
+                [(f"s-{i}", "Success", 0) for i in range(4)]], on_poll=lambda: shown.append(str(bars[0])))
+    queue.wait([f"s-{i}" for i in range(4)], "s", poll_s=0)
+    assert "2/4 [00:00<?" in shown[0], shown  # two done before it looked: no rate, no estimate from them
+
+
+def test_a_terminated_waiter_says_what_goes_on(tmp_path):
+    code = f"""
+import contextlib, sys, types
+from pathlib import Path
+from vitcnn.study import queue
+
+class Queue:
+    wdir = "/nonexistent"
+
+    def status(self):
+        Path({str(tmp_path / "polled")!r}).touch()
+        return [{{"name": "s-0", "status": "Running", "timestamp": 0, "rev": "r"}}]
+    def worker_status(self):
+        return {{"worker-1": [{{"id": "t"}}]}}
+    def _iter_active_tasks(self):
+        return []
+
+@contextlib.contextmanager
+def open_repo(root):
+    yield types.SimpleNamespace(experiments=types.SimpleNamespace(celery_queue=Queue()))
+
+queue.open_repo = open_repo
+from vitcnn.__main__ import main
+sys.exit(main(["study", "wait", "s"]))
+"""
+    waiter = subprocess.Popen([sys.executable, "-c", code], cwd=tmp_path, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not (tmp_path / "polled").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    waiter.send_signal(signal.SIGTERM)
+    _, err = waiter.communicate(timeout=60)
+    assert waiter.returncode == 130, err
+    assert "vitcnn study: stopped waiting; 1 runs of 's' go on in the background" in err
+
+
+def test_a_second_study_is_told_that_the_queue_workers_are_shared(monkeypatch, capsys):
+    from vitcnn.study import queue
+    from vitcnn.study.grid import Run
+
+    calls = []
+    monkeypatch.setattr(queue, "live_workers", lambda root=None: 1)
+    monkeypatch.setattr(queue, "dvc", lambda *args, cwd=None: calls.append(args) or "")
+    queue.submit([Run("s-0", 0, ("seed=0",))], "s", 2)
+    assert calls[-1] == ("queue", "start", "-j", "2")
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "DVC's queue is one per repository and 1 of its workers run already" in err
+
+
+@pytest.mark.parametrize("raised, line", [
+    (lambda tmp: OSError(errno.ENOSPC, "No space left on device", str(tmp)),
+     "prepare: error: No space left on device: {tmp}; free space on that disk"),
+    (lambda tmp: __import__("safetensors").SafetensorError(
+        "Error while serializing: I/O error: No space left on device (os error 28)"),
+     "prepare: error: No space left on device: {repo}; free space on that disk"),
+    (lambda tmp: RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534"),
+     "prepare: error: No space left on device: {repo}; free space on that disk"),  # torch.save's words for it
+    (lambda tmp: PermissionError(errno.EACCES, "Permission denied", str(tmp)),
+     "prepare: error: Permission denied: {tmp}; check the file's and its folder's permissions"),
+])
+def test_an_os_error_in_a_stage_is_one_line_that_the_summary_shows(raised, line, tmp_path, monkeypatch, capsys):
+    import runpy
+    import shutil as shutil_module
+
+    repo, _ = make_tiny_project(tmp_path)
+    monkeypatch.chdir(repo)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.setattr(signal, "signal", lambda *a: None)  # the stage's SIGTERM handler: not in pytest's process
+    written = []
+
+    def full_disk(tensors, path):
+        written.append(path)
+        raise raised(path)
+
+    monkeypatch.setattr("vitcnn.data.save_file", full_disk)
+    usage = shutil_module.disk_usage(repo)
+    monkeypatch.setattr(shutil_module, "disk_usage", lambda p: usage._replace(free=0))
+    with pytest.raises(SystemExit) as stopped:
+        runpy.run_path(str(repo / "stages" / "prepare.py"), run_name="__main__")
+    assert stopped.value.code == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(line.format(tmp=written[0], repo=repo)), err
+    log = tmp_path / "queue.log"  # as the run's log holds it, beside DVC's own lines
+    log.write_text(f"Running stage 'prepare':\n{err}ERROR: failed to reproduce 'prepare': failed to run: "
+                   "python stages/prepare.py, exited with 1\n")
+    assert last_error(log) == err.strip()
+
+
+def test_a_bug_in_a_stage_keeps_its_traceback(monkeypatch):
+    from vitcnn.cli import run_stage
+
+    monkeypatch.setattr(signal, "signal", lambda *a: None)
+    with pytest.raises(ZeroDivisionError):
+        run_stage("prepare", lambda: 1 / 0)
+
+
 # --- one GPU per queued run ------------------------------------------------------------------------
 
 
@@ -273,7 +488,7 @@ def test_a_three_seed_study_runs_on_dvcs_queue_and_summarizes_exactly(tmp_path):
     empty = vitcnn_cli("study", "summarize", ok=False)
     assert empty.returncode == 1 and empty.stderr.count("\n") == 1 and "no experiments of this commit" in empty.stderr
 
-    # A run that fails (its loss diverges), queued first under the study's prefix: summarize lists it.
+    # A run that fails (its loss diverges), queued first, named like the study but not one of its runs.
     dvc("exp", "run", "--queue", "-n", "tinyfail", "-S", "train.lr=1e12", cwd=repo, env=env)
     vitcnn_cli("study", "run", "seeds", "--seeds", "3", "--name", "tiny", "-j", "2")
 
@@ -281,8 +496,11 @@ def test_a_three_seed_study_runs_on_dvcs_queue_and_summarizes_exactly(tmp_path):
     (group,) = summary["groups"]
     assert group["n"] == 3 and group["seeds"] == [0, 1, 2] and group["params"] == {}
     assert sorted(group["experiments"]) == ["tiny-0", "tiny-1", "tiny-2"]
-    assert [f["name"] for f in summary["failed"]] == ["tinyfail"]
-    assert summary["failed"][0]["error"].startswith("train_vit: error: training loss is not finite")
+    assert not summary["failed"]  # tinyfail is no run of study tiny (tiny-<i>, exactly)
+    everything = json.loads(vitcnn_cli("study", "summarize", "--json").stdout)  # one summary per study
+    assert sorted(everything) == ["other", "tiny"] and everything["tiny"]["groups"] == summary["groups"]
+    assert [f["name"] for f in everything["other"]["failed"]] == ["tinyfail"]
+    assert everything["other"]["failed"][0]["error"].startswith("train_vit: error: training loss is not finite")
 
     # The numbers are those of each experiment's own metrics file, read from git.
     shown = json.loads(dvc("exp", "show", "--json", cwd=repo, env=env).stdout)
@@ -306,7 +524,7 @@ def test_a_three_seed_study_runs_on_dvcs_queue_and_summarizes_exactly(tmp_path):
     out = repo / "studies" / "tiny"
     assert {"summary.md", "summary.csv", "accuracy.png"} <= {p.name for p in out.iterdir()}
     assert "| all runs | 3 | 0 1 2 |" in (out / "summary.md").read_text()
-    assert "`tinyfail`: train_vit: error" in (out / "summary.md").read_text()
+    assert "`tinyfail`: train_vit: error" in (repo / "studies" / "all" / "other" / "summary.md").read_text()
 
     again = vitcnn_cli("study", "run", "seeds", "--name", "tiny", ok=False)
     assert again.stderr.count("\n") == 1 and "a study named 'tiny' exists already (3 experiments" in again.stderr
@@ -412,3 +630,71 @@ def test_study_figures_mark_each_seed_and_join_no_measured_values(tmp_path, monk
         joined = [line for line in ax.get_lines() if line.get_linestyle() not in ("None", "") and len(line.get_xdata()) > 2]
         assert not joined  # no line between measured values: nothing suggests a value in between
     assert drawn[0].axes[0].get_xscale() == "log"
+
+
+# --- what a new user meets: leftovers, chance, several studies ------------------------------------
+
+
+def test_summarize_without_a_name_writes_one_summary_per_study(tmp_path, monkeypatch, capsys):
+    found = [experiment(f"seeds-a-{s}", s, 0.5 + s / 100, 0.6) for s in range(2)]
+    found += [experiment(f"data-b-{i}", s, 0.3 + n / 1e5, 0.4, **{"data.subset": n, "train.lr": 0.001,
+                                                                  "vit.depth": 8, "train.batch_size": 64})
+              for i, (n, s) in enumerate((n, s) for n in (1000, 4000) for s in range(2))]
+    found.append(experiment("tried-depth", 0, 0.45, 0.5, **{"vit.depth": 4}))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("vitcnn.study.experiments.load", lambda all_commits: (found, []))
+    assert vitcnn(["study", "summarize", "--out", str(tmp_path / "all")]) == 0
+    out = capsys.readouterr().out
+    assert [line for line in out.splitlines() if line.startswith("## ")] == ["## data-b", "## other", "## seeds-a"]
+    for study, n in (("data-b", 4), ("other", 1), ("seeds-a", 2)):
+        md = (tmp_path / "all" / study / "summary.md").read_text()
+        assert f"{n} successful run" in md
+    # each study's groups are labelled by what varies within it: data.subset only, not the params the studies differ in
+    assert "| data.subset=1000 | 2 | 0 1 |" in (tmp_path / "all" / "data-b" / "summary.md").read_text()
+
+    assert vitcnn(["study", "summarize", "--json", "--out", str(tmp_path / "j")]) == 0
+    assert sorted(json.loads(capsys.readouterr().out)) == ["data-b", "other", "seeds-a"]  # one JSON document
+
+
+def test_figure_labels_stay_short_with_a_legend_for_long_ones(tmp_path):
+    many = {"train.lr": 0.001, "train.batch_size": 64, "vit.depth": 8, "vit.embed_dim": 192, "train.epochs": 7}
+    runs = [experiment("x-0", 0, 0.5, 0.6), experiment("y-0", 0, 0.4, 0.5, **many)]
+    summary = summarize(runs, [Baseline("a" * 40, "main", DEFAULTS)], MODELS)
+    assert report.figure_labels(summary) == ["G1", "G2"]
+    legend = report.legend_table(summary)
+    assert "| G2 | " in legend and "vit.embed_dim=192" in legend
+    short = summarize([experiment("d-0", 0, 0.5, 0.6, **{"data.subset": 1000}),
+                       experiment("d-1", 0, 0.5, 0.6, **{"data.subset": 4000})], [], MODELS)
+    assert report.figure_labels(short) == ["data.subset=1000", "data.subset=4000"] and report.legend_table(short) is None
+
+
+def test_a_model_at_chance_gets_no_verdict_in_a_study():
+    runs = [experiment(f"c-{s}", s, 0.40 + s / 100, 0.1 + s / 1000) for s in range(3)]
+    for e in runs:
+        e.metrics["vit"].update(corruption_acc=0.3, ece=0.05, above_chance=1.0)
+        e.metrics["cnn"].update(corruption_acc=0.1, ece=0.01, above_chance=0.0)
+    summary = summarize(runs, [], MODELS)
+    (group,) = summary.groups
+    assert group.at_chance == {"cnn": 3}
+    assert any("the CNN is not clearly above chance in 3 of 3 runs" in note for note in summary.notes)
+    assert "(CNN at chance)" in report.table(summary)
+    robust = report.robustness_table(summary)
+    assert robust.count(report.AT_CHANCE) == 2 and "0.010" not in robust  # no ECE shown for the CNN to compare
+
+
+def test_a_study_starts_from_the_committed_params(tmp_path, monkeypatch, capsys):
+    from dvc.utils.hydra import apply_overrides
+
+    from vitcnn.study.cli import with_leftovers
+
+    (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
+    for cmd in (["git", "init", "-q"], ["git", "add", "params.yaml"],
+                ["git", "-c", "user.name=t", "-c", "user.email=t@e", "commit", "-qm", "p"]):
+        subprocess.run(cmd, cwd=tmp_path, check=True)
+    monkeypatch.chdir(tmp_path)
+    apply_overrides(tmp_path / "params.yaml", ["vit.depth=8", "train.epochs=2", "seed=3"])  # left by `dvc exp run -S`
+    overrides = with_leftovers(["train.epochs=3"], "seeds", from_workspace=False, cloned=False)
+    assert overrides == ["vit.depth=6", "train.epochs=3"]  # -S and the study's own seed win over what was left
+    assert "params.yaml holds vit.depth=8 (committed: 6)" in capsys.readouterr().err
+    assert with_leftovers(["train.epochs=3"], "seeds", from_workspace=True, cloned=False) == ["train.epochs=3"]
+    assert with_leftovers([], "seeds", from_workspace=True, cloned=True) == ["train.epochs=2", "vit.depth=8"]  # params.yaml order

@@ -14,16 +14,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vitcnn import paths
 from vitcnn.overrides import flatten
 from vitcnn.study.queue import dvc
 
-EVALUATE_METRICS = "metrics/evaluate.json"  # {model: {test_acc, train_time_s, ...}}
-ROBUSTNESS_METRICS = "metrics/robustness.json"  # {model: {corruption_acc, ece, ...}}
-TRAIN_METRICS = "metrics/train_{model}.json"  # {train_images_per_s, ...}
+# The metrics files as `dvc exp show --json` names them (paths relative to the project, with /).
+EVALUATE_METRICS = paths.EVALUATE.as_posix()  # {model: {test_acc, train_time_s, ...}}
+ROBUSTNESS_METRICS = paths.ROBUSTNESS.as_posix()  # {model: {corruption_acc, ece, ...}}
+TRAIN_METRICS = paths.train_metrics("{model}").as_posix()  # {train_images_per_s, ...}
 # The metrics a study summarizes, per model, and the file each comes from.
 SUMMARIZED = {"test_acc": EVALUATE_METRICS, "train_time_s": EVALUATE_METRICS, "train_images_per_s": TRAIN_METRICS,
               "corruption_acc": ROBUSTNESS_METRICS, "ece": ROBUSTNESS_METRICS, "ece_ts": ROBUSTNESS_METRICS}
+CHANCE = "above_chance"  # robustness: 1 when the model is clearly above chance on the test split, else 0
 STAGE_ERROR = re.compile(r"^\S+: error: ")
+KILLED = re.compile(r"exited with -(\d+)\s*$")  # DVC's words for a stage that a signal ended
 
 
 @dataclass
@@ -51,6 +55,16 @@ def load(all_commits: bool = False, root: Path = Path(".")) -> tuple[list[Experi
     return parse(shown)
 
 
+def latest(experiments: list[Experiment]) -> list[Experiment]:
+    """One entry per name and commit, the latest: a run queued again (a retry, or by hand) replaces
+    its earlier failure. On a tie a finished success wins, then a run still going, then a failure."""
+    rank = {"failed": 0, "queued": 1, "running": 2, "success": 3}
+    newest: dict[tuple[str, str], Experiment] = {}
+    for e in sorted(experiments, key=lambda e: (e.timestamp, rank.get(e.state, 1))):
+        newest[(e.baseline, e.name)] = e
+    return [e for e in experiments if newest[(e.baseline, e.name)] is e]
+
+
 def parse(shown: list[dict]) -> tuple[list[Experiment], list[Baseline]]:
     """`dvc exp show --json` output -> experiments and baselines (the workspace row is neither)."""
     experiments, baselines = [], []
@@ -74,9 +88,11 @@ def _experiment(exp: dict, rev: dict, baseline: str) -> Experiment:
         state = "failed" if rev.get("error") else "success"
     error = ""
     if state == "failed":
-        log = (executor.get("local") or {}).get("log")
-        error = _last_error(Path(log)) if log else ""
-        error = error or (rev.get("error") or {}).get("msg") or "failed (no log)"
+        local = executor.get("local") or {}
+        error = last_error(Path(local["log"])) if local.get("log") else ""
+        killed = signal_name(-(local.get("returncode") or 0))
+        error = error or (f"killed by {killed}" if killed else "") or (rev.get("error") or {}).get("msg") \
+            or "failed (no log)"
     elif state == "success" and not metrics:
         state, error = "failed", f"finished without {EVALUATE_METRICS}"
     return Experiment(name=exp.get("name") or rev.get("name") or rev["rev"][:7], rev=rev["rev"], baseline=baseline,
@@ -100,15 +116,32 @@ def _metrics(files: dict) -> dict[str, dict[str, float]]:
         sources = {EVALUATE_METRICS: values, TRAIN_METRICS: train, ROBUSTNESS_METRICS: robust}
         metrics[model] = {metric: float(sources[file][metric]) for metric, file in SUMMARIZED.items()
                           if isinstance(sources[file].get(metric), (int, float))}
+        if isinstance(robust.get(CHANCE), bool):
+            metrics[model][CHANCE] = float(robust[CHANCE])
     return metrics
 
 
-def _last_error(log: Path) -> str:
-    """The stage's own error line in a run's log, else DVC's last ERROR line."""
+def last_error(log: Path) -> str:
+    """The stage's own error line in a run's log, else DVC's last ERROR line (naming the signal when
+    a stage was killed: "exited with -9" is SIGKILL, most often the kernel's out-of-memory killer)."""
     try:
         lines = [line.strip() for line in log.read_text(errors="replace").splitlines() if line.strip()]
     except OSError:
         return ""
     ours = [line for line in lines if STAGE_ERROR.match(line)]
     theirs = [line for line in lines if line.startswith("ERROR")]
-    return (ours or theirs or [""])[-1]
+    line = (ours or theirs or [""])[-1]
+    killed = KILLED.search(line)
+    if killed and signal_name(int(killed.group(1))):
+        line += f" (killed by {signal_name(int(killed.group(1)))}: out of memory, or stopped by hand?)"
+    return line
+
+
+def signal_name(number: int) -> str:
+    """SIGKILL for 9; "" for 0 or a number that is no signal."""
+    import signal
+
+    try:
+        return signal.Signals(number).name if number > 0 else ""
+    except ValueError:
+        return ""

@@ -11,12 +11,13 @@ queued, not in the middle of it.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 from vitcnn.config import check_key
 from vitcnn.errors import ConfigError, UserError, first_line
-from vitcnn.overrides import PARAMS_FILE, with_overrides
+from vitcnn.overrides import PARAMS_FILE, flatten, with_overrides
 
 # The param each kind of study varies, and the flag that sets it (seeds vary in every kind).
 AXES = {"seeds": None, "data": ("data.subset", "--subsets"), "budget": ("train.epochs", "--epochs"), "sweep": None}
@@ -34,6 +35,13 @@ class Run:
     name: str
     seed: int
     overrides: tuple[str, ...]
+    params: dict[str, Any] = field(default_factory=dict, compare=False)  # params.yaml as the run sees it, flattened
+
+
+def in_study(name: str, study: str) -> bool:
+    """Whether experiment `name` is a run of `study`: exactly `<study>-<integer>`, so that study v3
+    takes neither v3b-0 nor v3-0-old (nor a hand-run v3-best)."""
+    return re.fullmatch(re.escape(study) + r"-\d+", name) is not None
 
 
 def parse_counts(text: str, flag: str, what: str) -> list[int]:
@@ -66,8 +74,7 @@ def plan(kind: str, name: str, seeds: int, axis_values: list[int], overrides: li
     grid = [(seed, [*point, f"seed={seed}"]) for seed in range(seeds) for point in points]
     width = len(str(len(grid) - 1))
     runs = [Run(f"{name}-{i:0{width}d}", seed, tuple(point)) for i, (seed, point) in enumerate(grid)]
-    validate(runs, params_path)
-    return runs
+    return validate(runs, params_path)
 
 
 def expand(overrides: list[str], set_by_study: dict[str, str]) -> list[tuple[str, ...]]:
@@ -98,10 +105,16 @@ def expand(overrides: list[str], set_by_study: dict[str, str]) -> list[tuple[str
     return [tuple(sweep[PARAMS_FILE]) for sweep in sweeps]
 
 
-def validate(runs: list[Run], params_path: Path) -> None:
-    """Apply each run's overrides to a copy of params.yaml as DVC will, and validate the result."""
+def validate(runs: list[Run], params_path: Path) -> list[Run]:
+    """Apply each run's overrides to a copy of params.yaml as DVC will, and validate the result;
+    the runs with their params."""
+    from vitcnn.config import params_dict
+
+    checked = []
     for run in runs:
         try:
-            with_overrides(list(run.overrides), params_path)
+            params = with_overrides(list(run.overrides), params_path)
         except ConfigError as exc:
             raise StudyError(f"run {run.name} ({' '.join(run.overrides)}): {exc}") from None
+        checked.append(replace(run, params=flatten(params_dict(params))))
+    return checked

@@ -109,6 +109,25 @@ def group_label(group: Group, summary: Summary) -> str:
     return ", ".join(parts) or "all runs"
 
 
+LABEL_CHARS = 32  # a figure's group labels longer than this become "G1", "G2", ... with a legend in the summary
+
+
+def figure_labels(summary: Summary) -> list[str]:
+    """Each group's label on a figure's axis: its varying params, when they fit; else G1, G2, ... (the
+    summary's "Groups" table says which params each stands for)."""
+    labels = [group_label(g, summary) for g in summary.groups]
+    return labels if max(map(len, labels), default=0) <= LABEL_CHARS else [f"G{i + 1}" for i in range(len(labels))]
+
+
+def legend_table(summary: Summary) -> str | None:
+    """What G1, G2, ... stand for, where the figures use them."""
+    labels = figure_labels(summary)
+    if labels == [group_label(g, summary) for g in summary.groups]:
+        return None
+    return _markdown_table(["figure label", "group"], [[s, group_label(g, summary)]
+                                                       for s, g in zip(labels, summary.groups)])
+
+
 def table(summary: Summary) -> str:
     """The results as a Markdown table: one row per group, a column per model and per pair of models."""
     models = _models(summary)
@@ -119,7 +138,7 @@ def table(summary: Summary) -> str:
     for g in summary.groups:
         row = [group_label(g, summary), str(len(g.experiments)), " ".join(map(str, g.seeds))]
         row += [percent(g.metrics.get(m, {}).get("test_acc")) for m in models]
-        row += [percent(g.pairs.get(pair), signed=True) for pair in pairs]
+        row += [percent(g.pairs.get(pair), signed=True) + _chance_mark(g, pair) for pair in pairs]
         rows.append(row)
     return _markdown_table(head, rows)
 
@@ -145,10 +164,18 @@ def robustness_table(summary: Summary) -> str | None:
     if not any("ece_ts" in g.metrics.get(m, {}) for g in summary.groups for m in measured):
         del columns["ece_ts"]  # runs from before temperature scaling was measured
     head = ["group", *(f"{label(m)} {what}" for m in measured for what, _ in columns.values())]
-    rows = [[group_label(g, summary), *(shown(g.metrics.get(m, {}).get(key)) for m in measured
-                                        for key, (_, shown) in columns.items())]
+    rows = [[group_label(g, summary), *(AT_CHANCE if m in g.at_chance else shown(g.metrics.get(m, {}).get(key))
+                                        for m in measured for key, (_, shown) in columns.items())]
             for g in summary.groups]
     return _markdown_table(head, rows)
+
+
+AT_CHANCE = "— (at chance)"
+
+
+def _chance_mark(group: Group, pair: tuple[str, ...]) -> str:
+    """' (CNN at chance)' after a difference to a model that has not learnt: it is no verdict."""
+    return "".join(f" ({label(m)} at chance)" for m in pair if m in group.at_chance)
 
 
 def markdown(summary: Summary, title: str, figures: list[str]) -> str:
@@ -177,6 +204,9 @@ def markdown(summary: Summary, title: str, figures: list[str]) -> str:
             lines += ["", "## Robustness and calibration", "", robust]
     if figures:
         lines += ["", "## Figures", ""] + [f"![{name}]({name})" for name in figures]
+        legend = legend_table(summary)
+        if legend:
+            lines += ["", "Groups on the figures:", "", legend]
     if summary.failed:
         lines += ["", "## Failed (left out)", ""] + [f"- `{e.name}`: {e.error}" for e in summary.failed]
     if summary.unfinished:
@@ -227,7 +257,7 @@ def accuracy_figure(summary: Summary, path: Path) -> None:
     """Per group: each seed's test accuracy as a dot, the mean and its 95% interval beside; and each pair's
     paired differences the same way."""
     models, pairs = _models(summary), _pairs(summary)
-    labels = [group_label(g, summary) for g in summary.groups]
+    labels = figure_labels(summary)
     x = np.arange(len(labels))
     fig, axes = plt.subplots(1, 1 + len(pairs), figsize=(min(4 + 1.1 * len(labels), 16) * (1 + 0.6 * len(pairs)), 4.2),
                              layout="constrained", squeeze=False)

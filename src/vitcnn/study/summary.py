@@ -22,7 +22,7 @@ from typing import Any
 
 from scipy import stats
 
-from vitcnn.study.experiments import SUMMARIZED, Baseline, Experiment
+from vitcnn.study.experiments import CHANCE, SUMMARIZED, Baseline, Experiment
 
 SEED = "seed"
 CONFIDENCE = 0.95
@@ -72,6 +72,7 @@ class Group:
     metrics: dict[str, dict[str, Estimate]] = field(default_factory=dict)  # {model: {metric: estimate}}
     pairs: dict[tuple[str, str], Estimate] = field(default_factory=dict)  # paired a - b test accuracy, each pair
     duplicates: list[str] = field(default_factory=list)  # older runs of a seed already in the group
+    at_chance: dict[str, int] = field(default_factory=dict)  # {model: runs in which it is not clearly above chance}
 
     @property
     def seeds(self) -> list[int]:
@@ -95,6 +96,7 @@ class Group:
             "diff_models": list(self.models[:2]) if self.diff else None,
             "pairs": [{"a": a, "b": b, "diff_test_acc": e.as_dict()} for (a, b), e in self.pairs.items()],
             "duplicates": self.duplicates,
+            "at_chance": self.at_chance,
         }
 
 
@@ -145,6 +147,8 @@ def summarize(experiments: list[Experiment], baselines: list[Baseline], model_or
             if all("test_acc" in e.metrics[m] for e in kept for m in (a, b)):
                 group.pairs[(a, b)] = estimate([e.metrics[a]["test_acc"] - e.metrics[b]["test_acc"] for e in kept],
                                                DIFF_BOUNDS)
+        group.at_chance = {m: n for m in models
+                           if (n := sum(e.metrics[m].get(CHANCE) == 0.0 for e in kept))}
         groups.append(group)
     groups.sort(key=lambda g: (g.baseline, g.models, [_sortable(g.params[k]) for k in varying]))
 
@@ -163,6 +167,15 @@ def summarize(experiments: list[Experiment], baselines: list[Baseline], model_or
                      "100%, a time below 0) and are clipped there; so few seeds say little about the spread")
     if any(g.duplicates for g in groups):
         notes.append("a seed run more than once in a group counts once (its latest run); the others are listed as duplicates")
+    from vitcnn.models import label
+
+    for g in groups:
+        for model, n in g.at_chance.items():
+            where = ", ".join(f"{k}={g.params[k]}" for k in varying) or "the runs"
+            notes.append(f"{where}: the {label(model)} is not clearly above chance in {n} of {len(g.experiments)} runs (the "
+                         "95% interval of its test accuracy reaches 1 / classes, or its temperature fit hit a bound); "
+                         "its robustness and calibration say nothing, and a difference to it shows only that the "
+                         "other model learnt")
     split_seeds = {e.params.get("data.split_seed") for e in done}
     if len(split_seeds) == 1 and None not in split_seeds:
         notes.append(f"every run trains on the same train/val split (data.split_seed = {split_seeds.pop()}): "
