@@ -1,8 +1,8 @@
 """The same study on DVC's queue and on a local Dask cluster: wall time, runs completed, and whether
 the runs give the same numbers.
 
-    python benchmarks/study_backends.py --seeds 4 --workers 2 --out results/study-backends --keep studies/seeds-cpu \
-        -S data.source=../shared/datasets/cifar10-jpeg.tar.gz -S data.subset=5000 -S train.epochs=3
+    python benchmarks/study_backends.py --seeds 4 --workers 2 --out results/study-backends \
+        -S data.source=../shared/datasets/cifar10-jpeg.tar.gz -S data.subset=1000 -S train.epochs=1 -S robustness.subset=200
 
 Each back-end runs `vitcnn study run seeds --seeds N` with `-j WORKERS` (DVC's queue) or `--cluster
 local:WORKERS` (Dask, cloning from a bare copy of the project and pushing back to it), in a fresh

@@ -60,16 +60,19 @@ ORIGINAL_PROGRAM = ROOT.parent / "shared" / "reference" / "seed_vit_vs_cnn.py"
 ORIGINAL_CLASSES = {"vit": "VisionTransformer", "cnn": "SimpleCNN"}  # the original program's models, by registry name
 
 
-def load_images(n_random: int = 10000) -> tuple[Split, dict, str]:
-    """The prepared train split and its meta.json, or random images (and their statistics) of CIFAR's shape."""
+def load_images(n_random: int = 10000, size: int | None = None) -> tuple[Split, dict, str]:
+    """The prepared train split and its meta.json, or random images (and their statistics) of CIFAR's shape;
+    with `size`, random images of that size (size x size x 3)."""
     prepared = ROOT / paths.PREPARED
-    if (prepared / "train.safetensors").is_file():
+    if size is None and (prepared / "train.safetensors").is_file():
         return load_split(prepared, "train"), load_meta(prepared), str(paths.PREPARED / "train.safetensors")
+    size = size or 32
     g = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, (n_random, 32, 32, 3), dtype=torch.uint8, generator=g)
+    images = torch.randint(0, 256, (n_random, size, size, 3), dtype=torch.uint8, generator=g)
     mean, std = channel_stats(images.numpy())
-    meta = {"classes": [str(i) for i in range(10)], "image_shape": [32, 32, 3], "mean": mean, "std": std}
-    return Split(images, torch.randint(0, 10, (n_random,), generator=g)), meta, f"random ({n_random} images)"
+    meta = {"classes": [str(i) for i in range(10)], "image_shape": [size, size, 3], "mean": mean, "std": std}
+    return (Split(images, torch.randint(0, 10, (n_random,), generator=g)), meta,
+            f"random ({n_random} images, {size} px)")
 
 
 class NaiveDataset(Dataset):
@@ -309,6 +312,8 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true",
                         help="on CUDA, also report the share of a window the GPU is busy (torch.profiler)")
     parser.add_argument("--json", action="store_true", help="print one JSON object per model")
+    parser.add_argument("--image-size", type=int, help="random images of this size (px) instead of data/prepared: "
+                        "what training at data.image_size costs (the naive way is CIFAR's 32 px only)")
     args = parser.parse_args()
     params = params_with(args.recipe, ROOT / "recipes", ROOT / "params.yaml") if args.recipe else params_type()()
 
@@ -320,7 +325,9 @@ def main() -> None:
         profiler_utils._init_for_cuda_graphs()
     keep_freed_memory()  # as the training stage does
     use_deterministic(TrainConfig().deterministic)
-    split, meta, data = load_images()
+    if args.image_size is not None and args.baseline and args.image_size != 32:
+        parser.error("--baseline: the naive way (the original program) trains at 32 px only")
+    split, meta, data = load_images(size=args.image_size)
     for name in (MODELS if args.model == "all" else [args.model]):
         # The model's recipe (the original program's at the defaults).
         cfg = dataclasses.replace(recipe_for(params, name), precision=args.precision, compile=args.compile,
@@ -336,6 +343,7 @@ def main() -> None:
             "cuda_graphs": engine.steps.graphed,
             "batch_size": cfg.batch_size,
             "data": data,
+            "image_size": meta["image_shape"][0],
             "steps_per_window": args.steps,
             "windows": args.repeats,
             "train_images_per_s": round(statistics.median(rates["engine"]), 1),

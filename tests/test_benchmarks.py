@@ -33,6 +33,17 @@ def test_throughput_benchmark_reports_both_ways_and_their_ratio():
     assert report["peak_memory_mb"] > 0 and report["baseline_peak_memory_mb"] > 0
 
 
+def test_the_benchmark_trains_at_another_image_size_and_refuses_the_naive_way_there():
+    command = [sys.executable, "benchmarks/throughput.py", "--model", "vit", "--steps", "1", "--repeats", "1",
+               "--warmup", "1", "--image-size", "48", "--json"]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["image_size"] == 48 and report["data"] == "random (10000 images, 48 px)"
+    refused = subprocess.run([*command, "--baseline"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert refused.returncode == 2 and "the naive way (the original program) trains at 32 px only" in refused.stderr
+
+
 def test_the_benchmark_trains_as_the_training_stage_sets_up_every_recipe_key():
     """The benchmark's engine is `train.setup`'s: `normalization: measured` and the recipe's augmentation are
     the training stage's, not a copy of them that drifts."""

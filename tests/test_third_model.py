@@ -153,7 +153,7 @@ def test_a_third_model_runs_through_every_stage_and_every_test(tmp_path):
     # And the fast test suite passes as it is, in a copy of the project with the third model registered.
     project = tmp_path / "suite"
     for name in ("src", "stages", "tests", "recipes", "results", "studies", "tools", "benchmarks", ".dvc/plots",
-                 "README.md", "dvc.yaml", "params.yaml", "pyproject.toml"):
+                 "README.md", "dvc.yaml", "params.yaml", "pyproject.toml", ".gitignore"):
         source, target = ROOT / name, project / name
         if source.is_dir():
             shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))

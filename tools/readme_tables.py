@@ -143,12 +143,17 @@ def table(head: list[str], rows: list[list[str]]) -> str:
 # --- the blocks ----------------------------------------------------------------------------------
 
 
+def cifar10_runs() -> list[Path]:
+    """The saved training runs on CIFAR-10 (your own images' runs have a block of their own)."""
+    return [folder for folder in sorted((ROOT / saved.RESULTS).iterdir())
+            if (folder / "metrics" / "evaluate.json").is_file()
+            and run_info(folder.name)["params"]["data"]["dataset"] == "cifar10"]
+
+
 def block_recipes() -> str:
-    """Every saved training run, one row per model."""
+    """Every saved training run on CIFAR-10, one row per model."""
     rows, notes = [], []
-    for folder in sorted((ROOT / saved.RESULTS).iterdir()):
-        if not (folder / "metrics" / "evaluate.json").is_file():
-            continue
+    for folder in cifar10_runs():
         info = run_info(folder.name)
         for model in models_of(info):
             trained, evaluated = info["metrics"][f"train_{model}.json"], info["metrics"]["evaluate.json"][model]
@@ -184,9 +189,9 @@ def block_run(name: str) -> str:
          *(f"{evaluated[m]['latency_ms']:.1f} ms" for m in models)],
     ]
     if robust:
-        subset = params["robustness"]["subset"] or "all"
+        subset = params["robustness"]["subset"]
         rows += [
-            [f"accuracy under corruption / clean ({subset}-image subset)",
+            [f"accuracy under corruption / clean ({f'{subset}-image subset' if subset else 'whole test split'})",
              *(f"{pct(robust[m]['corruption_acc'])} / {pct(robust[m]['subset_clean_acc'])}" for m in models)],
             ["expected calibration error", *(f"{robust[m]['ece']:.3f}" for m in models)],
             ["ECE after temperature scaling (T fitted on the validation split)",
@@ -307,6 +312,27 @@ def block_benchmark(name: str) -> str:
             f"{len(runs) // max(1, len(rows))} runs per model, each the median of its windows.</sub>")
 
 
+def block_image_sizes(name: str) -> str:
+    """Training images/s of each model at each image size, from results/NAME/image_sizes.json (throughput.py
+    --image-size, one JSON object per model and size)."""
+    folder = ROOT / saved.RESULTS / name
+    machine = json.loads((folder / saved.MACHINE_FILE).read_text())
+    runs = json.loads((folder / "image_sizes.json").read_text())
+    sizes = sorted({r["image_size"] for r in runs})
+    rows = []
+    for model in REGISTRY:
+        rates = {size: statistics.median(r["train_images_per_s"] for r in runs
+                                         if r["model"] == model and r["image_size"] == size) for size in sizes
+                 if any(r["model"] == model and r["image_size"] == size for r in runs)}
+        if len(rates) == len(sizes):
+            rows.append([REGISTRY[model].label, *(f"{rates[size]:,.0f}" for size in sizes),
+                         f"{rates[sizes[0]] / rates[sizes[-1]]:.1f}×"])
+    head = ["model", *(f"{size} px, training images/s" for size in sizes), f"{sizes[0]} px / {sizes[-1]} px"]
+    return (table(head, rows) + "\n\n" + f"<sub>From [`results/{name}/image_sizes.json`](results/{name}/image_sizes.json)"
+            f" (`python benchmarks/throughput.py --image-size N`, random images, the default models and recipe): "
+            f"commit `{machine['commit'][:7]}`, {machine_text(machine)}, {machine['run_date'][:10]}.</sub>")
+
+
 def block_study_backends(name: str) -> str:
     """The same study on DVC's queue and on a local Dask cluster (benchmarks/study_backends.py)."""
     folder = ROOT / saved.RESULTS / name
@@ -333,12 +359,10 @@ TARGETS = (0.55, 0.75)
 
 
 def block_time_to_accuracy() -> str:
-    """For every saved run and model: the epoch and training time at which validation accuracy first reached
+    """For every saved CIFAR-10 run and model: the epoch and training time at which validation accuracy first reached
     each target, or that no epoch of the run did."""
     rows, notes = [], []
-    for folder in sorted((ROOT / saved.RESULTS).iterdir()):
-        if not (folder / "plots" / "train").is_dir():
-            continue
+    for folder in cifar10_runs():
         info = run_info(folder.name)
         for model in models_of(info):
             history = info["history"][model]
@@ -358,7 +382,7 @@ def block_time_to_accuracy() -> str:
 
 BLOCKS = {"recipes": block_recipes, "run": block_run, "robustness": block_robustness, "study": block_study,
           "benchmark": block_benchmark, "time-to-accuracy": block_time_to_accuracy,
-          "study-backends": block_study_backends}
+          "study-backends": block_study_backends, "image-sizes": block_image_sizes}
 
 
 # --- the README --------------------------------------------------------------------------------
