@@ -2,7 +2,8 @@
 the runs give the same numbers.
 
     python benchmarks/study_backends.py --seeds 4 --workers 2 --out results/study-backends \
-        -S data.source=../shared/datasets/cifar10-jpeg.tar.gz -S data.subset=1000 -S train.epochs=1 -S robustness.subset=200
+        -S data.source=../shared/datasets/sign-digits.tar.gz -S data.dataset=folder -S data.val_size=0.1 \
+        -S train.normalization=measured -S robustness.subset=0 -S train.epochs=2
 
 Each back-end runs `vitcnn study run seeds --seeds N` with `-j WORKERS` (DVC's queue) or `--cluster
 local:WORKERS` (Dask, cloning from a bare copy of the project and pushing back to it), in a fresh
@@ -86,7 +87,7 @@ def run_backend(backend: str, name: str, seeds: int, workers: int, overrides: li
     }
 
 
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=4)
     parser.add_argument("--workers", type=int, default=2)
@@ -121,7 +122,8 @@ def main() -> None:
         + "\n")
     (args.out / "machine.json").write_text(json.dumps(machine, indent=2) + "\n")
     print(json.dumps(measured, indent=2))
+    return 1 if any(m["exit"] != 0 for m in measured) else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

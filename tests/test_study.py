@@ -270,10 +270,11 @@ def test_wait_follows_a_requeued_seed_by_its_latest_entry(fake_queue):
     assert fake.calls == 2
 
 
-def test_runs_queued_with_no_worker_left_end_the_waiting_with_one_line(fake_queue):
+def test_runs_queued_with_no_worker_left_end_the_waiting_with_one_line(fake_queue, monkeypatch):
     from vitcnn.study import queue
 
     fake_queue([[("s-0", "Success", 0), ("s-1", "Queued", 0)]], workers=0)  # its worker was killed
+    monkeypatch.setattr(queue, "IDLE_S", 0.0)  # the grace a worker just started gets, not waited out here
     with pytest.raises(StudyError, match=r"^1 runs of 's' are queued and no DVC queue worker is running \(stopped, "
                                          r"or killed\?\): start workers with `dvc queue start -j 2`, then follow "
                                          r"them with `vitcnn study wait s`$"):

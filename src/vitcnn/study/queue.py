@@ -35,7 +35,8 @@ DONE = {"Success", "Failed"}  # DVC's queue states; the others are "Queued" and 
 POLL_S = 5.0
 ORPHAN_POLLS = 2  # polls in a row a running task must lack a live worker before it counts as orphaned
 AMBIGUOUS_S = 60.0  # ... or this long, while some worker of the repository lives (it may be setting the run up)
-IDLE_POLLS = 3  # polls in a row with runs queued and no worker before the waiting gives up
+IDLE_POLLS = 3  # polls in a row with runs queued and no worker before the waiting gives up ...
+IDLE_S = 120.0  # ... spanning this long: on a loaded machine a worker `dvc queue start` spawned takes a while to show
 
 
 def dvc(*args: str, cwd: Path = Path(".")) -> str:
@@ -232,6 +233,7 @@ class Watch:
         self.suspects: dict[str, tuple[int, float]] = {}  # task id -> (polls in a row unreported, since when)
         self.told: set[str] = set()
         self.idle = 0  # polls in a row with runs queued and no worker
+        self.idle_since = 0.0
         self.lost: dict[str, str] = {}
 
     def check(self, queue: Any, states: dict[str, str]) -> bool:
@@ -258,7 +260,9 @@ class Watch:
         queued = sum(state == "Queued" for state in states.values())
         running = any(state == "Running" for state in states.values())  # an orphan still to collect, say
         self.idle = self.idle + 1 if queued and not workers and not running else 0
-        if self.idle >= IDLE_POLLS:
+        if self.idle == 1:
+            self.idle_since = time.monotonic()
+        if self.idle >= IDLE_POLLS and time.monotonic() - self.idle_since >= IDLE_S:
             raise StudyError(f"{queued} runs of '{self.study}' are queued and no DVC queue worker is running "
                              f"(stopped, or killed?): start workers with `dvc queue start -j {self.jobs or 1}`, "
                              f"then follow them with `vitcnn study wait {self.study}`")
