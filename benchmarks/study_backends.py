@@ -3,7 +3,7 @@ the runs give the same numbers.
 
     python benchmarks/study_backends.py --seeds 4 --workers 2 --out results/study-backends \
         -S data.source=../shared/datasets/sign-digits.tar.gz -S data.dataset=folder -S data.val_size=0.1 \
-        -S train.normalization=measured -S robustness.subset=0 -S train.epochs=2
+        -S train.normalization=measured -S train.epochs=2 -S robustness.subset=100 -S visualize.num_images=4
 
 Each back-end runs `vitcnn study run seeds --seeds N` with `-j WORKERS` (DVC's queue) or `--cluster
 local:WORKERS` (Dask, cloning from a bare copy of the project and pushing back to it), in a fresh
