@@ -38,7 +38,7 @@ from vitcnn.models import REGISTRY  # noqa: E402
 
 BLOCK = re.compile(r"(<!-- generated: (?P<spec>[^>]*?) -->\n)(?P<body>.*?)(<!-- end generated -->)", re.S)
 # A measured-looking number in prose: a percentage, a time, a speed, a size, a ratio.
-MEASURED = re.compile(r"(?<![\w.\-/])[-+−]?\d[\d,]*(?:\.\d+)?(?:\s?(?:%|×)|\s(?:images/s|img/s|ms|s|seconds|minutes|"
+MEASURED = re.compile(r"(?<![\w.\-/])[-+−]?\d[\d,]*(?:\.\d+)?(?:\s?(?:%|×|x(?!\w))|\s(?:images/s|img/s|ms|s|seconds|minutes|"
                       r"min|hours|h|GiB|MB|GB|GFLOP/s|MFLOPs|points|x)(?![\w/]))")
 # Published numbers the README quotes, each with its source: the only measured numbers allowed outside
 # the generated blocks.
