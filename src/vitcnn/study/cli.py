@@ -185,11 +185,16 @@ def _size(planned: list[Run], seeds: int) -> str:
                                                       else "") + ")")
 
 
+def set_keys(overrides: list[str], kind: str) -> set[str]:
+    """The keys -S or the study itself sets (seed, and the param its kind varies)."""
+    return {o.split("=", 1)[0].lstrip("+~") for o in overrides} | {"seed"} | ({AXES[kind][0]} if AXES[kind] else set())
+
+
 def with_recipe(recipe: str | None, overrides: list[str], kind: str) -> list[str]:
     """The recipe's overrides, less the keys that -S or the study itself sets, then -S."""
     if not recipe:
         return overrides
-    taken = {o.split("=", 1)[0].lstrip("+~") for o in overrides} | {"seed"} | ({AXES[kind][0]} if AXES[kind] else set())
+    taken = set_keys(overrides, kind)
     return [o for o in recipes.overrides(recipe) if o.split("=", 1)[0] not in taken] + overrides
 
 
@@ -200,7 +205,7 @@ def with_leftovers(overrides: list[str], kind: str, from_workspace: bool, cloned
     one-line notice. With `from_workspace` the workspace's values stay: as they are for DVC's queue
     (it copies the workspace), as overrides for a cluster (its workers clone the commit)."""
     changed = leftovers()
-    taken = {o.split("=", 1)[0].lstrip("+~") for o in overrides} | {"seed"} | ({AXES[kind][0]} if AXES[kind] else set())
+    taken = set_keys(overrides, kind)
     changed = {k: v for k, v in changed.items() if k not in taken}
     if not changed:
         return overrides
